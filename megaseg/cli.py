@@ -1,0 +1,125 @@
+"""`megaseg <command>`: parse the config (YAML + dotted overrides + the command's flags), call one function.
+
+Every command accepts `--config FILE`, `--print-config` and any number of `section.key=value` overrides.
+A command's own flags (e.g. `--ckpt`) are sugar for config keys, or plain arguments of its function.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+from megaseg.config import config_to_yaml, load_config
+
+
+@dataclass(frozen=True)
+class Flag:
+    option: str
+    help: str
+    # A dotted config key the flag sets; None passes the value to the command's function as a keyword argument.
+    config_key: Optional[str] = None
+    type: Callable = str
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    target: str  # "module:function"; the function takes (config, **flag_arguments) and returns an exit code
+    help: str
+    flags: tuple[Flag, ...] = ()
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("quickstart", "megaseg.quickstart:run_quickstart",
+            "the embedded default: SmolLM2 -> segment RM on real HH-RLHF pairs -> normalizer -> evaluation",
+            (Flag("--out", "output directory", config_key="logging.out_dir"),)),
+    Command("segment", "megaseg.training.segment:run_segmentation",
+            "cache segment boundaries of every response with the frozen SFT model"),
+    Command("train-rm", "megaseg.training.rm:train_reward_model", "train a segment-level reward model"),
+    Command("fit-normalizer", "megaseg.training.calibrate:fit_normalizer_command",
+            "score a calibration set and fit the location-aware normalizer",
+            (Flag("--ckpt", "reward model checkpoint", config_key="rm.checkpoint"),
+             Flag("--data", "calibration preference file", config_key="data.train_path"),
+             Flag("--num-samples", "calibration pairs to score", config_key="normalizer.num_samples", type=int),
+             Flag("--method", "huber or ols", config_key="normalizer.method"))),
+    Command("eval-rm", "megaseg.training.evaluate:evaluate_reward_model_command",
+            "accuracy, margin and segment statistics of a reward model on a preference file",
+            (Flag("--ckpt", "reward model checkpoint", config_key="rm.checkpoint"),
+             Flag("--data", "preference file", config_key="data.eval_path"),
+             Flag("--out", "write the metrics JSON here"))),
+    Command("train-ppo", "megaseg.training.ppo:train_ppo", "PPO against a segment (or baseline) reward model"),
+    Command("train-dpo", "megaseg.training.dpo:train_dpo", "DPO on the same preference data (paper Table 3)"),
+    Command("convert", "megaseg.conversion.cli:convert_command",
+            "checkpoint conversion: hf-to-megatron, megatron-to-hf, gguf-to-hf",
+            (Flag("direction", "hf-to-megatron | megatron-to-hf | gguf-to-hf"),
+             Flag("--hf", "Hugging Face model directory"),
+             Flag("--ckpt", "megatron checkpoint directory"),
+             Flag("--gguf", "GGUF file (or a directory holding one)"),
+             Flag("--out", "output directory"),
+             Flag("--tp", "tensor-parallel size of the output", type=int),
+             Flag("--pp", "pipeline-parallel size of the output", type=int))),
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megaseg", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        sub = commands.add_parser(command.name, help=command.help, description=command.help)
+        sub.add_argument("--config", help="YAML config (may name a `base:` YAML to start from)")
+        sub.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        for flag in command.flags:
+            sub.add_argument(flag.option, help=flag.help, type=flag.type)
+        sub.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    return parser
+
+
+def _split_flags(command: Command, args: argparse.Namespace) -> tuple[list[str], dict]:
+    overrides, kwargs = [], {}
+    for flag in command.flags:
+        value = getattr(args, flag.option.lstrip("-").replace("-", "_"))
+        if value is None:
+            continue
+        if flag.config_key is None:
+            kwargs[flag.option.lstrip("-").replace("-", "_")] = value
+        else:
+            overrides.append(f"{flag.config_key}={value}")
+    return overrides, kwargs
+
+
+def _resolve_target(command: Command) -> Callable:
+    module_name, function_name = command.target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and error.name.startswith("megaseg"):
+            raise SystemExit(f"megaseg {command.name}: not built yet ({module_name} does not exist)") from None
+        raise
+    return getattr(module, function_name)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    command = next(c for c in COMMANDS if c.name == args.command)
+    flag_overrides, kwargs = _split_flags(command, args)
+    try:
+        # Flags come first so that explicit key=value overrides win over them.
+        config = load_config(args.config, [*flag_overrides, *args.overrides])
+    except ValueError as error:
+        print(f"megaseg {command.name}: {error}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(config_to_yaml(config), end="")
+        return 0
+    try:
+        return int(_resolve_target(command)(config, **kwargs) or 0)
+    except ValueError as error:
+        # User mistakes (bad data, missing files, mismatched checkpoints) are ValueErrors with the fix in the text.
+        print(f"megaseg {command.name}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

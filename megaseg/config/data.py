@@ -1,0 +1,42 @@
+"""Where preference pairs and prompts come from, and how they are cut to length."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megaseg.config._checks import check_choice, check_positive, check_range
+
+PREFERENCE_FORMATS = ("auto", "conversational", "flat")
+PROMPT_FORMATS = ("auto", "ultrafeedback", "mt_bench", "arena_hard")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_path: Optional[str] = None
+    eval_path: Optional[str] = None
+    format: str = "auto"
+    prompt_path: Optional[str] = None
+    eval_prompt_path: Optional[str] = None
+    prompt_format: str = "auto"
+    # The paper's truncation: prompt left-truncated to max_prompt_length, response right-truncated to max_length.
+    max_length: int = 2048
+    max_prompt_length: int = 1792
+    max_samples: Optional[int] = None
+    eval_max_samples: Optional[int] = None
+    # When no eval_path is given, this fraction of train_path is held out.
+    eval_fraction: float = 0.0
+    skip_invalid: bool = False
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("data.format", self.format, PREFERENCE_FORMATS)
+        check_choice("data.prompt_format", self.prompt_format, PROMPT_FORMATS)
+        check_positive("data.max_length", self.max_length)
+        check_positive("data.max_prompt_length", self.max_prompt_length)
+        check_positive("data.max_samples", self.max_samples, allow_none=True)
+        check_positive("data.eval_max_samples", self.eval_max_samples, allow_none=True)
+        check_range("data.eval_fraction", self.eval_fraction, 0.0, 0.9)
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"data.max_prompt_length={self.max_prompt_length} must be < data.max_length={self.max_length} "
+                "(the response needs room)")

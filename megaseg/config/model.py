@@ -1,0 +1,71 @@
+"""The backbone's architecture and precision: everything needed to build the megatron-core GPT model."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from megaseg.config._checks import check_choice, check_positive
+
+MODEL_FAMILIES = ("llama", "mistral", "qwen2", "phi3")
+NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+ACTIVATIONS = ("swiglu", "gelu")
+DTYPES = ("float32", "bfloat16", "float16")
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+FP8_FORMATS = ("e4m3", "hybrid")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Defaults describe the tiny randomly initialised test model; model_configs/*.yaml set real backbones."""
+
+    name: str = "tiny-llama"
+    family: str = "llama"
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 256
+    num_attention_heads: int = 4
+    # None means multi-head attention (as many key/value heads as query heads).
+    num_query_groups: Optional[int] = None
+    kv_channels: Optional[int] = None
+    vocab_size: int = 128
+    max_position_embeddings: int = 2048
+    rotary_base: float = 10000.0
+    # HF-style rope_scaling dict (e.g. Llama-3.1: rope_type, factor, low_freq_factor, ...); None = no scaling.
+    rope_scaling: Optional[Dict[str, str]] = None
+    normalization: str = "RMSNorm"
+    norm_epsilon: float = 1e-5
+    activation: str = "swiglu"
+    add_qkv_bias: bool = False
+    tie_word_embeddings: bool = True
+    init_method_std: float = 0.02
+    params_dtype: str = "float32"
+    # Where the weights and tokenizer come from (local paths only: megaseg never downloads).
+    tokenizer: Optional[str] = None
+    checkpoint: Optional[str] = None
+    # Token ids that end a response (the model's stop tokens); the first one is written as EOS when truncating.
+    eos_token_ids: List[int] = field(default_factory=list)
+    transformer_impl: str = "auto"
+    fp8: Optional[str] = None
+    fp8_recipe: str = "delayed"
+    reward_head_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        check_choice("model.family", self.family, MODEL_FAMILIES)
+        check_choice("model.normalization", self.normalization, NORMALIZATIONS)
+        check_choice("model.activation", self.activation, ACTIVATIONS)
+        check_choice("model.params_dtype", self.params_dtype, DTYPES)
+        check_choice("model.reward_head_dtype", self.reward_head_dtype, DTYPES)
+        check_choice("model.transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
+        if self.fp8 is not None:
+            check_choice("model.fp8", self.fp8, FP8_FORMATS)
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
+                     "max_position_embeddings"):
+            check_positive(f"model.{name}", getattr(self, name))
+        if self.hidden_size % self.num_attention_heads and self.kv_channels is None:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} is not divisible by model.num_attention_heads="
+                f"{self.num_attention_heads}; set model.kv_channels explicitly")
+        if self.num_query_groups is not None and self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"model.num_query_groups={self.num_query_groups}")

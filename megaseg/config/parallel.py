@@ -1,0 +1,23 @@
+"""Parallel layout. The data-parallel size is derived: world_size / (tp * pp * cp)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megaseg.config._checks import check_choice, check_positive
+
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    # auto: nccl when CUDA is available, else gloo.
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_choice("parallel.backend", self.backend, BACKENDS)
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+            check_positive(f"parallel.{name}", getattr(self, name))

@@ -1,0 +1,53 @@
+"""Reward-model training (paper Table 8) and the location-aware normalizer fitted after it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megaseg.config._checks import check_choice, check_positive
+from megaseg.config.training import OptimizerConfig
+
+AGGREGATIONS = ("mean", "sum", "last", "min")
+NORMALIZER_KINDS = ("regression", "none", "global", "last", "bandit")
+FIT_METHODS = ("huber", "ols")
+
+
+@dataclass(frozen=True)
+class RewardModelConfig:
+    # A trained reward model checkpoint (read by fit-normalizer, eval-rm and PPO).
+    checkpoint: Optional[str] = None
+    # f(.) of Eq. 3; the paper uses the average (Eq. 4).
+    aggregation: str = "mean"
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    global_batch_size: int = 128
+    micro_batch_size: int = 1
+    epochs: int = 1
+    # Stop after this many optimizer steps (None: run the epochs).
+    max_steps: Optional[int] = None
+    # Train only the top N transformer layers and the head (None: all), for small machines.
+    train_top_layers: Optional[int] = None
+    eval_every: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("rm.aggregation", self.aggregation, AGGREGATIONS)
+        check_positive("rm.global_batch_size", self.global_batch_size)
+        check_positive("rm.micro_batch_size", self.micro_batch_size)
+        check_positive("rm.epochs", self.epochs)
+        check_positive("rm.max_steps", self.max_steps, allow_none=True)
+        check_positive("rm.train_top_layers", self.train_top_layers, allow_none=True)
+
+
+@dataclass(frozen=True)
+class NormalizerConfig:
+    # regression = the paper's Mean(p)/Std(p); none/global/last = Table 5 ablations; bandit = scalar statistics.
+    kind: str = "regression"
+    method: str = "huber"
+    # Calibration pairs to score (the paper: 60,000); None = all of data.train_path.
+    num_samples: Optional[int] = None
+    # normalizer.json to use in PPO; None = <rm.checkpoint>/normalizer.json.
+    path: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        check_choice("normalizer.kind", self.kind, NORMALIZER_KINDS)
+        check_choice("normalizer.method", self.method, FIT_METHODS)
+        check_positive("normalizer.num_samples", self.num_samples, allow_none=True)
