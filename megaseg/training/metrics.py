@@ -1,0 +1,120 @@
+"""Run observability: metrics to TensorBoard, W&B (optional) and <out>/metrics.jsonl, plus a progress line with ETA.
+
+Only the main process (global rank 0) writes; other ranks get a logger whose methods do nothing, so trainers
+call it unconditionally.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Optional
+
+from megaseg.config.training import LoggingConfig
+
+METRICS_FILE_NAME = "metrics.jsonl"
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase (rollout, score_segments, update_actor, ...), reset after each report."""
+
+    def __init__(self) -> None:
+        self._seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def pop(self) -> dict[str, float]:
+        seconds, self._seconds = self._seconds, {}
+        return seconds
+
+
+class RunLogger:
+    """Logs scalar metrics per step and prints `step i/N | loss .. | tok/s .. | elapsed .. | ETA ..`."""
+
+    def __init__(self, logging_config: LoggingConfig, total_steps: int, *, is_main: bool = True,
+                 run_config: object = None, start_step: int = 0, stream=None) -> None:
+        self.config = logging_config
+        self.total_steps = total_steps
+        self.is_main = is_main
+        self.out_dir = Path(logging_config.out_dir)
+        self._stream = stream or sys.stdout
+        self._start_time = time.perf_counter()
+        self._start_step = start_step
+        self._tensorboard = None
+        self._wandb_run = None
+        self._metrics_file = None
+        if not is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        # Appending keeps one history across resumes; a resumed run re-logs nothing before start_step.
+        self._metrics_file = (self.out_dir / METRICS_FILE_NAME).open("a", encoding="utf-8")
+        if logging_config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+        if logging_config.wandb:
+            self._wandb_run = self._start_wandb(run_config)
+
+    def _start_wandb(self, run_config: object):
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError("logging.wandb=true but the wandb package is not installed: "
+                             "pip install 'megaseg[wandb]' or set logging.wandb=false") from None
+        config_dict = asdict(run_config) if is_dataclass(run_config) else None
+        return wandb.init(project=self.config.wandb_project, dir=str(self.out_dir), config=config_dict,
+                          name=self.out_dir.name, resume="allow")
+
+    def log(self, step: int, metrics: Mapping[str, float], *, prefix: str = "train") -> None:
+        """Record metrics of `step` (1-based count of completed steps) and print the progress line."""
+        if not self.is_main:
+            return
+        scalars = {f"{prefix}/{name}": float(value) for name, value in metrics.items()}
+        self._metrics_file.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._metrics_file.flush()
+        if self._tensorboard is not None:
+            for name, value in scalars.items():
+                self._tensorboard.add_scalar(name, value, step)
+        if self._wandb_run is not None:
+            self._wandb_run.log(scalars, step=step)
+        if prefix == "train" and (step % self.config.log_every == 0 or step == self.total_steps):
+            print(self.progress_line(step, metrics), file=self._stream, flush=True)
+
+    def progress_line(self, step: int, metrics: Mapping[str, float]) -> str:
+        elapsed = time.perf_counter() - self._start_time
+        done = step - self._start_step
+        eta = elapsed / done * (self.total_steps - step) if done > 0 else float("nan")
+        shown = " | ".join(f"{name} {value:.4g}" for name, value in metrics.items())
+        return (f"step {step}/{self.total_steps} | {shown} | elapsed {format_duration(elapsed)} "
+                f"| ETA {format_duration(eta)}")
+
+    def message(self, text: str) -> None:
+        if self.is_main:
+            print(text, file=self._stream, flush=True)
+
+    def close(self) -> None:
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
