@@ -1,0 +1,1 @@
+"""Trainers (reward model, PPO, DPO) and what they share: optimizer, checkpoints, metrics."""
