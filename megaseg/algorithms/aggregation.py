@@ -1,0 +1,115 @@
+"""Sequence evaluation from segment rewards (paper Eq. 3-4) and the Bradley-Terry loss.
+
+The reward head runs at every position, producing ``values`` ``[batch, seq]``; the reward of segment a_t is the head
+output at its last token, i.e. ``values`` where ``ends`` is True. Entries elsewhere (prompt, padding, EOS outside a
+segment) are never read: they are masked with ``torch.where`` (not multiplied by 0), so garbage or NaN there cannot
+leak into the result or its gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from megaseg.algorithms.segments import (
+    last_end_at_or_before,
+    num_segments,
+    pack_segment_ends,
+    segment_positions,
+)
+from megaseg.algorithms.validation import check_choice, check_ends, check_finite, check_shape
+
+
+def _checked(values: torch.Tensor, ends: torch.Tensor, validate: bool) -> torch.Tensor:
+    """Validate and return ``values`` zeroed outside the segment ends."""
+    check_ends(ends, None, validate)
+    check_shape("values", values, ends.shape, "ends")
+    check_finite("values at segment ends", values, where=ends, validate=validate)
+    return torch.where(ends, values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+def sum_segment_reward(values: torch.Tensor, ends: torch.Tensor, validate: bool = True) -> torch.Tensor:
+    """``[batch]``: sum of the segment rewards of each row."""
+    return _checked(values, ends, validate).sum(dim=1)
+
+
+def mean_segment_reward(values: torch.Tensor, ends: torch.Tensor, validate: bool = True) -> torch.Tensor:
+    """``[batch]``: e(x, y) = (1/T) sum_t r(s_t, a_t), the paper's Average aggregation (Eq. 4).
+
+    Args:
+        values: ``[batch, seq]`` reward-head output at every position.
+        ends: ``[batch, seq]`` bool segment ends; every row needs at least one (checked when ``validate``).
+    """
+    total = _checked(values, ends, validate).sum(dim=1)
+    # clamp only guards the unvalidated path against 0/0; validated rows always have T >= 1.
+    return total / num_segments(ends).clamp(min=1).to(total.dtype)
+
+
+def last_segment_reward(values: torch.Tensor, ends: torch.Tensor, validate: bool = True) -> torch.Tensor:
+    """``[batch]``: reward of the final segment (the bandit reward when ``ends`` is the bandit segmentation)."""
+    masked = _checked(values, ends, validate)
+    last_col = last_end_at_or_before(ends)[:, -1:].clamp(min=0)
+    return masked.gather(1, last_col).squeeze(1)
+
+
+def min_segment_reward(values: torch.Tensor, ends: torch.Tensor, validate: bool = True) -> torch.Tensor:
+    """``[batch]``: the worst segment reward of each row."""
+    _checked(values, ends, validate)
+    inf = torch.tensor(float("inf"), dtype=values.dtype, device=values.device)
+    return torch.where(ends, values, inf).amin(dim=1)
+
+
+AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "mean": mean_segment_reward,
+    "sum": sum_segment_reward,
+    "last": last_segment_reward,
+    "min": min_segment_reward,
+}
+
+
+def aggregate_segment_rewards(
+    values: torch.Tensor, ends: torch.Tensor, how: str = "mean", validate: bool = True
+) -> torch.Tensor:
+    """``[batch]`` sequence evaluation e(x, y) with the aggregation named ``how`` (a key of ``AGGREGATIONS``)."""
+    check_choice("aggregation", how, AGGREGATIONS)
+    return AGGREGATIONS[how](values, ends, validate=validate)
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """Scalar -mean(log sigmoid(chosen - rejected)) (paper Eq. 1 and 3).
+
+    ``logsigmoid`` is evaluated directly (not log of sigmoid), so a large negative margin gives a large finite loss and
+    a finite gradient instead of log(0).
+    """
+    check_shape("rejected_scores", rejected_scores, chosen_scores.shape, "chosen_scores")
+    return -F.logsigmoid(chosen_scores - rejected_scores).mean()
+
+
+def preference_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """Scalar fraction of pairs with chosen strictly above rejected (a tie counts as wrong)."""
+    check_shape("rejected_scores", rejected_scores, chosen_scores.shape, "chosen_scores")
+    return (chosen_scores > rejected_scores).float().mean()
+
+
+def padded_segment_rewards(
+    values: torch.Tensor, ends: torch.Tensor, max_segments: int | None = None, validate: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segment rewards left-aligned per row, for logging and normalizer fitting.
+
+    Returns:
+        ``rewards`` ``[batch, max_segments]`` (0 where padded) and ``mask`` ``[batch, max_segments]`` bool.
+        ``max_segments`` defaults to the largest segment count in the batch.
+    """
+    _checked(values, ends, validate)
+    return pack_segment_ends(values, ends, max_segments, validate=False)
+
+
+def padded_segment_positions(
+    ends: torch.Tensor, max_segments: int | None = None, validate: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Locations p = (t + 1) / T in the layout of ``padded_segment_rewards``: ``([batch, max_segments], mask)``."""
+    check_ends(ends, None, validate)
+    positions = segment_positions(ends, ends, validate=False)
+    return pack_segment_ends(positions, ends, max_segments, validate=False)

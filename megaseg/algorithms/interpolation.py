@@ -1,0 +1,53 @@
+"""Spread segment rewards over the tokens of each segment (paper Sec. 2.3, ablation Table 6).
+
+- ``even``: every token of segment a_t gets r_t / |a_t| (the method). The tokens of a segment sum back to r_t, so the
+  return of the whole response is unchanged (sum_t r_t = sum_t sum_{y_i in a_t} r_t / |a_t|).
+- ``repeat``: every token of a_t gets r_t.
+- ``none``: the segment's last token gets r_t, the others 0.
+
+Tokens in no segment (prompt, padding, and EOS in entropy/token/sentence/n-gram mode) get 0; in PPO the EOS token then
+carries only the KL term.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megaseg.algorithms.segments import broadcast_from_segment_end, segment_lengths
+from megaseg.algorithms.validation import check_choice, check_ends, check_finite, check_shape
+
+INTERPOLATION_MODES = ("even", "repeat", "none")
+
+
+def token_rewards(
+    segment_values: torch.Tensor,
+    ends: torch.Tensor,
+    response_mask: torch.Tensor,
+    mode: str = "even",
+    validate: bool = True,
+) -> torch.Tensor:
+    """Per-token rewards from segment rewards.
+
+    Args:
+        segment_values: ``[batch, seq]`` float; the (normalized) reward of each segment at its end position. Other
+            entries are ignored.
+        ends: ``[batch, seq]`` bool segment ends (inside ``response_mask``).
+        response_mask: ``[batch, seq]`` bool.
+        mode: one of ``INTERPOLATION_MODES``.
+
+    Returns:
+        ``[batch, seq]`` per-token rewards in the dtype of ``segment_values``.
+    """
+    check_choice("interpolation mode", mode, INTERPOLATION_MODES)
+    check_shape("segment_values", segment_values, ends.shape, "ends")
+    check_ends(ends, response_mask, validate)
+    check_finite("segment_values at segment ends", segment_values, where=ends, validate=validate)
+    zero = torch.zeros((), dtype=segment_values.dtype, device=segment_values.device)
+    at_ends = torch.where(ends, segment_values, zero)
+    if mode == "none":
+        return at_ends
+    if mode == "even":
+        # lengths are >= 1 at ends; clamp keeps the (discarded) non-end entries from dividing by 0.
+        lengths = segment_lengths(ends, response_mask, validate=False).clamp(min=1)
+        at_ends = at_ends / lengths.to(at_ends.dtype)
+    return broadcast_from_segment_end(at_ends, ends, response_mask, validate=False)

@@ -1,0 +1,144 @@
+"""Shared input checks for the algorithm modules.
+
+Every check raises ``ValueError`` naming the argument, what is wrong and the offending values (row indices, shapes,
+names), so a user mistake is reported where it is made rather than as a NaN three phases later.
+
+The data-dependent checks (``.any()`` on a tensor) force one host-device sync each. They are cheap next to a model
+forward, but every public function that calls them takes ``validate=True`` so a hot loop that has already validated its
+batch can switch them off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+# Report at most this many offending rows in a message: enough to debug, short enough to read.
+_MAX_REPORTED = 8
+
+
+def _rows(bad_rows: torch.Tensor) -> str:
+    """Format the indices of the True entries of a [batch] bool tensor for an error message."""
+    idx = torch.nonzero(bad_rows, as_tuple=False).flatten().tolist()
+    shown = idx[:_MAX_REPORTED]
+    more = f" (and {len(idx) - len(shown)} more)" if len(idx) > len(shown) else ""
+    return f"{shown}{more}"
+
+
+def check_choice(name: str, value: str, allowed: Iterable[str]) -> None:
+    """``value`` must be one of ``allowed``."""
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {allowed}")
+
+
+def check_shape(name: str, tensor: torch.Tensor, shape: Sequence[int], like: str) -> None:
+    """``tensor`` must have exactly ``shape`` (the shape of the argument called ``like``)."""
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)} but {like} has shape {tuple(shape)}; they must match")
+
+
+def check_2d(name: str, tensor: torch.Tensor) -> None:
+    """Batched per-token tensors are [batch, seq]."""
+    if tensor.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [batch, seq], got shape {tuple(tensor.shape)}")
+
+
+def check_bool(name: str, tensor: torch.Tensor) -> None:
+    """Masks must be bool so that ``~mask`` means "not" rather than bitwise-not of an int."""
+    if tensor.dtype != torch.bool:
+        raise ValueError(f"{name} must be a bool tensor, got dtype {tensor.dtype}; use mask.bool()")
+
+
+def check_finite(name: str, tensor: torch.Tensor, where: torch.Tensor | None = None, validate: bool = True) -> None:
+    """No NaN/inf in ``tensor`` (only at the positions where ``where`` is True, if given)."""
+    if not validate:
+        return
+    finite = torch.isfinite(tensor)
+    if where is not None:
+        finite = finite | ~where
+    if not bool(finite.all()):
+        bad = ~finite
+        detail = ""
+        if bad.dim() >= 2:
+            detail = f" in rows {_rows(bad.flatten(1).any(dim=1))}"
+        raise ValueError(f"{name} contains NaN or inf{detail}")
+
+
+def check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def check_nonnegative_float(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0.0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_response_mask(response_mask: torch.Tensor, validate: bool = True) -> None:
+    """[batch, seq] bool; each row holds one contiguous, non-empty run of response tokens.
+
+    Contiguity is what lets the segment math use cumulative sums over the whole row: a prompt token between two response
+    tokens would otherwise be counted inside a segment.
+    """
+    check_bool("response_mask", response_mask)
+    check_2d("response_mask", response_mask)
+    if not validate:
+        return
+    empty = ~response_mask.any(dim=1)
+    if bool(empty.any()):
+        raise ValueError(
+            f"response_mask rows {_rows(empty)} have no response tokens; every row needs at least one "
+            "(drop empty responses before scoring)"
+        )
+    starts = response_mask.clone()
+    starts[:, 1:] &= ~response_mask[:, :-1]
+    split = starts.sum(dim=1) > 1
+    if bool(split.any()):
+        raise ValueError(
+            f"response_mask rows {_rows(split)} hold more than one run of response tokens; the response must be "
+            "contiguous (prompt first, then response, then right padding)"
+        )
+
+
+def check_eos_mask(eos_mask: torch.Tensor, response_mask: torch.Tensor, validate: bool = True) -> None:
+    """At most one EOS per row, and it is the row's last response token."""
+    check_bool("eos_mask", eos_mask)
+    check_shape("eos_mask", eos_mask, response_mask.shape, "response_mask")
+    if not validate:
+        return
+    many = eos_mask.sum(dim=1) > 1
+    if bool(many.any()):
+        raise ValueError(f"eos_mask rows {_rows(many)} have more than one EOS; at most one per row is allowed")
+    # EOS must be a response token followed by a non-response token (or the end of the row).
+    followed = torch.zeros_like(response_mask)
+    followed[:, :-1] = response_mask[:, 1:]
+    misplaced = (eos_mask & (~response_mask | followed)).any(dim=1)
+    if bool(misplaced.any()):
+        raise ValueError(
+            f"eos_mask rows {_rows(misplaced)} mark an EOS that is not the last response token of the row"
+        )
+
+
+def check_masks(response_mask: torch.Tensor, eos_mask: torch.Tensor, validate: bool = True) -> None:
+    """Both segmentation masks at once (the common case)."""
+    check_response_mask(response_mask, validate)
+    check_eos_mask(eos_mask, response_mask, validate)
+
+
+def check_ends(ends: torch.Tensor, response_mask: torch.Tensor | None = None, validate: bool = True) -> None:
+    """A segment-end mask: [batch, seq] bool, only on response tokens, at least one end per row."""
+    check_bool("ends", ends)
+    check_2d("ends", ends)
+    if response_mask is not None:
+        check_shape("ends", ends, response_mask.shape, "response_mask")
+    if not validate:
+        return
+    if response_mask is not None:
+        outside = (ends & ~response_mask).any(dim=1)
+        if bool(outside.any()):
+            raise ValueError(f"ends rows {_rows(outside)} mark segment ends outside the response")
+    none = ~ends.any(dim=1)
+    if bool(none.any()):
+        raise ValueError(f"ends rows {_rows(none)} have no segment end; every response needs at least one segment")
