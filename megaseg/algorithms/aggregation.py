@@ -103,7 +103,7 @@ def padded_segment_rewards(
         ``max_segments`` defaults to the largest segment count in the batch.
     """
     _checked(values, ends, validate)
-    return pack_segment_ends(values, ends, max_segments, validate=False)
+    return pack_segment_ends(values, ends, max_segments, validate=validate)
 
 
 def padded_segment_positions(
@@ -112,4 +112,4 @@ def padded_segment_positions(
     """Locations p = (t + 1) / T in the layout of ``padded_segment_rewards``: ``([batch, max_segments], mask)``."""
     check_ends(ends, None, validate)
     positions = segment_positions(ends, ends, validate=False)
-    return pack_segment_ends(positions, ends, max_segments, validate=False)
+    return pack_segment_ends(positions, ends, max_segments, validate=validate)

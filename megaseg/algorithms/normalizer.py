@@ -62,7 +62,9 @@ class Normalizer:
     kind: ClassVar[str] = ""
     param_keys: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, *, model: str, c_ent: float | None, aggregation: str, segmentation: str, num_samples: int):
+    def __init__(
+        self, *, model: str, c_ent: float | None, aggregation: str, segmentation: str, num_samples: int = 0
+    ):
         self.model = model
         self.c_ent = None if c_ent is None else float(c_ent)
         self.aggregation = aggregation
@@ -146,8 +148,8 @@ class LocationNormalizer(Normalizer):
         b_sigma: float,
         p_min: float,
         method: str = "huber",
-        r2_mean: float = float("nan"),
-        r2_std: float = float("nan"),
+        r2_mean: float | None = None,
+        r2_std: float | None = None,
         table: dict[str, list] | None = None,
         **metadata: Any,
     ):
@@ -157,7 +159,9 @@ class LocationNormalizer(Normalizer):
         self.w_sigma, self.b_sigma = float(w_sigma), float(b_sigma)
         self.p_min = float(p_min)
         self.method = method
-        self.r2_mean, self.r2_std = float(r2_mean), float(r2_std)
+        # None for hand-entered coefficients (e.g. the paper's), which come without a fit quality.
+        self.r2_mean = None if r2_mean is None else float(r2_mean)
+        self.r2_std = None if r2_std is None else float(r2_std)
         self.table = table if table is not None else {"p": [], "mean": [], "std": [], "count": []}
         self._check_domain()
 
@@ -220,8 +224,8 @@ class LocationNormalizer(Normalizer):
         return cls(
             **numbers,
             method=data["method"],
-            r2_mean=float(data["r2_mean"]),
-            r2_std=float(data["r2_std"]),
+            r2_mean=data["r2_mean"],
+            r2_std=data["r2_std"],
             table=table,
             **metadata,
         )
