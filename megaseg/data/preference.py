@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from megaseg.config.data import PREFERENCE_FORMATS
 from megaseg.data.chat_messages import Message, check_prompt_messages, parse_messages
 from megaseg.data.invalid_records import InvalidRecordError, SkippedRecords, handle_invalid
 from megaseg.data.record_files import RawRecord, read_records
 from megaseg.data.resources import resolve_data_path
-
-PREFERENCE_FORMATS = ("auto", "conversational", "flat")
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from megaseg.config.data import PROMPT_FORMATS
 from megaseg.data.chat_messages import Message, check_prompt_messages, parse_messages
 from megaseg.data.invalid_records import InvalidRecordError, SkippedRecords, handle_invalid
 from megaseg.data.record_files import read_records
 from megaseg.data.resources import resolve_data_path
-
-PROMPT_FORMATS = ("auto", "ultrafeedback", "mt_bench", "arena_hard")
 _ID_FIELDS = {"ultrafeedback": ("prompt_id", "id"), "mt_bench": ("question_id",),
               "arena_hard": ("uid", "question_id")}
 
