@@ -16,8 +16,11 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # auto: nccl when CUDA is available, else gloo.
     backend: str = "auto"
+    # How long a collective (and the initial rendezvous) may wait before torch.distributed raises instead of hanging.
+    distributed_timeout_minutes: int = 30
 
     def __post_init__(self) -> None:
         check_choice("parallel.backend", self.backend, BACKENDS)
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                     "distributed_timeout_minutes"):
             check_positive(f"parallel.{name}", getattr(self, name))

@@ -1,0 +1,21 @@
+"""Parallel setup: torch.distributed + megatron parallel_state from torchrun/Slurm, the CPU shim, vocab-parallel ops.
+
+Importing this package does not import megatron-core (4 s); the functions that need it import it when called.
+"""
+from megaseg.parallel.cpu_compat import apply_cpu_compat, cuda_device_redirect, is_cpu_only
+from megaseg.parallel.initialize import ParallelContext, destroy_parallel, initialize_parallel
+from megaseg.parallel.launch_env import LaunchEnv, expand_hostlist, first_host, read_launch_env
+
+
+__all__ = [
+    "apply_cpu_compat",
+    "cuda_device_redirect",
+    "is_cpu_only",
+    "ParallelContext",
+    "initialize_parallel",
+    "destroy_parallel",
+    "LaunchEnv",
+    "read_launch_env",
+    "expand_hostlist",
+    "first_host",
+]
