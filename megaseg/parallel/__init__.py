@@ -5,7 +5,7 @@ Importing this package does not import megatron-core (4 s); the functions that n
 from megaseg.parallel.cpu_compat import apply_cpu_compat, cuda_device_redirect, is_cpu_only
 from megaseg.parallel.initialize import ParallelContext, destroy_parallel, initialize_parallel
 from megaseg.parallel.launch_env import LaunchEnv, expand_hostlist, first_host, read_launch_env
-
+from megaseg.parallel.vocab_parallel import vocab_parallel_entropy, vocab_parallel_log_probs
 
 __all__ = [
     "apply_cpu_compat",
@@ -18,4 +18,6 @@ __all__ = [
     "read_launch_env",
     "expand_hostlist",
     "first_host",
+    "vocab_parallel_entropy",
+    "vocab_parallel_log_probs",
 ]
