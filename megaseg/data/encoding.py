@@ -16,7 +16,7 @@ from megaseg.config.data import OVERLONG_PROMPT_POLICIES
 from megaseg.data.invalid_records import InvalidRecordError, SkippedRecords, handle_invalid
 from megaseg.data.preference import PreferencePair
 from megaseg.data.prompts import Prompt
-from megaseg.data.rendering import ChatTemplateRenderer, RenderError
+from megaseg.data.rendering import ChatTemplateRenderer, RenderedConversation, RenderError
 from megaseg.data.truncation import check_length_limits, truncate_prompt, truncate_prompt_response
 
 
@@ -71,13 +71,12 @@ def encode_preference_pairs(pairs: Sequence[PreferencePair], renderer: ChatTempl
     num_prompts_truncated = num_responses_truncated = 0
     for pair in pairs:
         try:
-            sequences = {}
-            for name, answer in (("chosen", pair.chosen), ("rejected", pair.rejected)):
-                rendered = _render(renderer, pair.prompt_messages, answer, pair.source, name)
-                _check_prompt_length(len(rendered.prompt_ids), max_prompt_length, overlong_prompt, pair.source)
-                sequences[name] = truncate_prompt_response(
-                    rendered.prompt_ids, rendered.response_ids, max_length=max_length,
-                    max_prompt_length=max_prompt_length, stop_token_ids=renderer.stop_token_ids)
+            chosen, rejected = _render_pair(renderer, pair)
+            _check_prompt_length(len(chosen.prompt_ids), max_prompt_length, overlong_prompt, pair.source)
+            sequences = {name: truncate_prompt_response(rendered.prompt_ids, rendered.response_ids,
+                                                        max_length=max_length, max_prompt_length=max_prompt_length,
+                                                        stop_token_ids=renderer.stop_token_ids)
+                         for name, rendered in (("chosen", chosen), ("rejected", rejected))}
         except InvalidRecordError as error:
             handle_invalid(error, skip_invalid, skipped)
             continue
@@ -118,11 +117,12 @@ def _check_policy(overlong_prompt: str) -> None:
         raise ValueError(f"overlong_prompt={overlong_prompt!r} is not one of {list(OVERLONG_PROMPT_POLICIES)}")
 
 
-def _render(renderer: ChatTemplateRenderer, prompt_messages, answer: str, source: str, field_name: str):
+def _render_pair(renderer: ChatTemplateRenderer, pair: PreferencePair) -> tuple[RenderedConversation, ...]:
     try:
-        return renderer.render(prompt_messages, answer)
+        return renderer.render_answers(pair.prompt_messages, [pair.chosen, pair.rejected])
     except RenderError as error:
-        raise InvalidRecordError(source, error.reason, str(error), field_name) from error
+        raise InvalidRecordError(pair.source, error.reason, str(error),
+                                 ("chosen", "rejected")[error.answer_index]) from error
 
 
 def _check_prompt_length(num_prompt_tokens: int, max_prompt_length: int, overlong_prompt: str, source: str) -> None:

@@ -31,8 +31,9 @@ _PROBE_ANSWER = "Hello."
 class RenderError(ValueError):
     """One conversation that the template and tokenizer cannot split cleanly; `reason` names the problem."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, answer_index: int = 0) -> None:
         self.reason = reason
+        self.answer_index = answer_index  # which of the answers given to render_answers failed
         super().__init__(message)
 
 
@@ -40,6 +41,18 @@ class RenderError(ValueError):
 class RenderedConversation:
     prompt_ids: tuple[int, ...]    # [prompt length], ends with the template's generation prompt
     response_ids: tuple[int, ...]  # [response length], ends with a stop token
+
+
+def _check_text_prefix(prompt_text: str, full_text: str) -> None:
+    if full_text.startswith(prompt_text):
+        return
+    position = next((i for i, (a, b) in enumerate(zip(prompt_text, full_text)) if a != b),
+                    min(len(prompt_text), len(full_text)))
+    raise RenderError("template_prefix_mismatch",
+                      "the chat template renders the prompt (with the generation prompt) differently from the start "
+                      f"of the full conversation, from character {position}: prompt has "
+                      f"{prompt_text[position:position + 40]!r}, conversation has {full_text[position:position + 40]!r}; "
+                      "megaseg needs a template whose prompt render is a prefix of the conversation render")
 
 
 class ChatTemplateRenderer:
@@ -63,21 +76,31 @@ class ChatTemplateRenderer:
         return tuple(self._encode(self._prompt_text(prompt_messages)))
 
     def render(self, prompt_messages: list[Message], answer: str) -> RenderedConversation:
+        return self.render_answers(prompt_messages, [answer])[0]
+
+    def render_answers(self, prompt_messages: list[Message],
+                       answers: Sequence[str]) -> tuple[RenderedConversation, ...]:
+        """Several answers to one prompt (chosen and rejected): the prompt is rendered once, texts encoded together."""
         prompt_text = self._prompt_text(prompt_messages)
-        full_text = self.tokenizer.apply_chat_template(
+        full_texts = [self.tokenizer.apply_chat_template(
             list(prompt_messages) + [{"role": "assistant", "content": answer}], tokenize=False,
-            add_generation_prompt=False)
-        if not full_text.startswith(prompt_text):
-            position = next((i for i, (a, b) in enumerate(zip(prompt_text, full_text)) if a != b),
-                            min(len(prompt_text), len(full_text)))
-            raise RenderError("template_prefix_mismatch",
-                              "the chat template renders the prompt (with the generation prompt) differently from "
-                              f"the start of the full conversation, from character {position}: prompt has "
-                              f"{prompt_text[position:position + 40]!r}, conversation has "
-                              f"{full_text[position:position + 40]!r}; megaseg needs a template whose prompt render "
-                              "is a prefix of the conversation render")
-        prompt_ids = self._encode(prompt_text)
-        full_ids = self._encode(full_text)
+            add_generation_prompt=False) for answer in answers]
+        encoded = self._encode_many([prompt_text, *full_texts, *answers])
+        prompt_ids = encoded[0]
+        full_ids_per_answer, answer_ids_per_answer = encoded[1:1 + len(answers)], encoded[1 + len(answers):]
+        rendered = []
+        for index, (answer, full_text, full_ids, answer_ids) in enumerate(
+                zip(answers, full_texts, full_ids_per_answer, answer_ids_per_answer)):
+            try:
+                _check_text_prefix(prompt_text, full_text)
+                rendered.append(self._split_response(prompt_ids, full_ids, answer, answer_ids))
+            except RenderError as error:
+                error.answer_index = index
+                raise
+        return tuple(rendered)
+
+    def _split_response(self, prompt_ids: list[int], full_ids: list[int], answer: str,
+                        answer_ids: list[int]) -> RenderedConversation:
         if full_ids[:len(prompt_ids)] != prompt_ids:
             boundary = self.tokenizer.convert_ids_to_tokens(full_ids[max(0, len(prompt_ids) - 2):len(prompt_ids) + 1])
             raise RenderError("boundary_token_merge",
@@ -90,7 +113,7 @@ class ChatTemplateRenderer:
         if stop_position is None:
             raise RenderError("no_stop_token", f"the template wrote none of the stop tokens {self.stop_token_ids} "
                               "after the answer; set model.eos_token_ids to the token that ends an answer")
-        special_in_answer = self._special_ids.intersection(self._encode(answer))
+        special_in_answer = self._special_ids.intersection(answer_ids)
         if special_in_answer:
             raise RenderError("special_token_in_answer",
                               f"the answer text contains control tokens "
@@ -104,6 +127,9 @@ class ChatTemplateRenderer:
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def _probe_end_of_answer_token(self) -> int:
         # The first control token after a plain answer is what the template uses to end an answer.
