@@ -1,79 +1,70 @@
 """Generalised advantage estimation without a Python loop over tokens.
 
 GAE is the reverse scan A_t = delta_t + gamma * lam * A_{t+1}. Written out, A_t = sum_{k >= t} (gamma*lam)^(k-t)
-delta_k: a discounted reverse cumulative sum. The tempting closed form, (gamma*lam)^-t * revcumsum((gamma*lam)^k
-delta_k), is useless in floating point (0.95^2048 ~ 1e-46 underflows fp32; gamma*lam = 0.5 underflows fp64 too), so
-this module never divides by a power. It evaluates every weight (gamma*lam)^e directly with e >= 0, in blocks:
+delta_k: a discounted reverse cumulative sum, i.e. a fixed linear filter. The tempting closed form,
+(gamma*lam)^-t * revcumsum((gamma*lam)^k delta_k), is useless in floating point (0.95^2048 ~ 1e-46 underflows fp32;
+gamma*lam = 0.5 underflows fp64 too), so this module never divides by a power. Instead:
 
-- inside a block of ``block_size`` positions, a [block, block] upper-triangular weight matrix gives the local sums;
-- across blocks, an [n_blocks, n_blocks] matrix of the same kind gives each block the discounted sum of all later
-  blocks, which then decays into the block by one more direct power.
+1. Masked positions are squeezed out: each row's valid tokens are scattered to the front (a hole in the mask is not
+   a time step; the next state of a valid token is the next valid token, and V = 0 after the last one). For the usual
+   contiguous response mask this is exactly the OpenRLHF / textbook loop over the response.
+2. On the compacted rows the filter is evaluated blockwise with constant matrices: inside a block of ``block_size``
+   positions an upper-triangular [block, block] matrix of (gamma*lam)^(j-i) gives the local sums (one matmul); across
+   blocks, each block's sum discounted to its start goes through an [n_blocks, n_blocks] matrix of
+   (gamma*lam)^(block_size*(m-n-1)), and decays into block n by (gamma*lam)^(block_size-i).
 
-Each weight lies in [0, 1], so nothing overflows or underflows harmfully, for any gamma*lam in [0, 1] including 0 and 1.
-Memory is about ``batch * seq * block_size`` floats (block 64: 32 MiB for 64 x 2048 in fp32).
-
-Masked positions are skipped, not treated as zero-reward steps: the next state of a valid token is the next valid token
-(V = 0 after the last one, i.e. the episode ends). For the usual contiguous response mask this is exactly the OpenRLHF
-/ textbook loop over the response; with holes in the mask the hole is simply not a time step.
+Every weight is a direct power with a non-negative exponent, in [0, 1], so nothing overflows and an underflow to 0 is
+the true (negligible) weight, for any gamma*lam in [0, 1] including 0 and 1. The work is matmuls of about
+batch * seq * block_size multiply-adds plus a few elementwise passes; the matrices depend only on gamma*lam.
 """
 
 from __future__ import annotations
 
 import torch
 
+from megaseg.algorithms.segments import choose_index
 from megaseg.algorithms.validation import check_2d, check_bool, check_shape
 
 DEFAULT_BLOCK_SIZE = 64
 
 
-def _next_valid_index(mask: torch.Tensor) -> torch.Tensor:
-    """``[batch, seq]`` long: index of the first valid position strictly after each position, ``seq`` if none."""
-    seq = mask.shape[1]
-    cols = torch.arange(seq, device=mask.device)
-    # Reverse cummin of valid columns, done as cummax of negated columns on the flipped row.
-    at_or_after = -torch.where(mask, -cols, -seq).flip(1).cummax(dim=1).values.flip(1)
-    after = torch.full_like(at_or_after, seq)
-    after[:, :-1] = at_or_after[:, 1:]
-    return after
+def _decay_powers(exponents: torch.Tensor, decay: float) -> torch.Tensor:
+    """decay ** exponents for integer exponents >= 0 (0 ** 0 = 1, so decay = 0 keeps only the diagonal terms)."""
+    return torch.pow(torch.tensor(decay, dtype=torch.float64), exponents.double())
 
 
-def discounted_reverse_cumsum(
-    x: torch.Tensor, steps: torch.Tensor, decay: float, block_size: int = DEFAULT_BLOCK_SIZE
-) -> torch.Tensor:
-    """y_t = sum_{k >= t} decay^(steps_k - steps_t) * x_k along the last dimension, for [batch, seq] tensors.
+def discounted_reverse_cumsum(x: torch.Tensor, decay: float, block_size: int = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
+    """y_t = sum_{k >= t} decay^(k - t) x_k along the last dimension of a [batch, seq] tensor, decay in [0, 1].
 
-    ``steps`` must be non-decreasing along each row (it is the running count of valid tokens, so masked positions do
-    not advance the clock); ``decay`` in [0, 1]. Computed in the dtype of ``x``.
+    Computed in the dtype of ``x`` (the weights are built in fp64 and cast).
     """
     batch, seq = x.shape
     num_blocks = -(-seq // block_size)
     pad = num_blocks * block_size - seq
     if pad:
-        # Padding carries x = 0 and repeats the last step count, so it contributes nothing and keeps steps monotone.
-        x = torch.cat([x, x.new_zeros(batch, pad)], dim=1)
-        steps = torch.cat([steps, steps[:, -1:].expand(batch, pad)], dim=1)
+        x = torch.cat([x, x.new_zeros(batch, pad)], dim=1)  # zeros contribute nothing
     xb = x.view(batch, num_blocks, block_size)
-    sb = steps.to(x.dtype).view(batch, num_blocks, block_size)
-    upper = torch.ones(block_size, block_size, dtype=torch.bool, device=x.device).triu()
-
-    # Local sums: weights[i, j] = decay^(s_j - s_i) for j >= i within the block.
-    gaps = sb[..., None, :] - sb[..., :, None]
-    weights = torch.where(upper, torch.pow(decay, gaps.clamp(min=0)), 0.0)
-    local = torch.einsum("bnij,bnj->bni", weights, xb)
-
-    # Each block's sum referred to the step count at the end of the previous block ...
-    block_end = sb[..., -1]
-    prev_end = torch.cat([sb[:, :1, 0], block_end[:, :-1]], dim=1)
-    block_sums = (torch.pow(decay, (sb - prev_end[..., None]).clamp(min=0)) * xb).sum(dim=-1)
-    # ... then carried to the end of block n: tail_n = sum_{m > n} decay^(prev_end_m - end_n) * block_sums_m.
-    later = torch.ones(num_blocks, num_blocks, dtype=torch.bool, device=x.device).triu(diagonal=1)
-    block_gaps = (prev_end[:, None, :] - block_end[:, :, None]).clamp(min=0)
-    carry = torch.where(later, torch.pow(decay, block_gaps), 0.0)
-    tail = torch.einsum("bnm,bm->bn", carry, block_sums)
-
-    # Decay the tail from the block end back to each position inside the block.
-    out = local + torch.pow(decay, (block_end[..., None] - sb).clamp(min=0)) * tail[..., None]
+    i = torch.arange(block_size, device=x.device)
+    # within[j, i] = decay^(j - i) for j >= i: local_i = sum_j x_j within[j, i].
+    gaps = i[:, None] - i[None, :]
+    within = torch.where(gaps >= 0, _decay_powers(gaps.clamp(min=0), decay), 0.0).to(x.dtype)
+    local = xb @ within
+    # Block sums discounted to the block start, then carried back block by block.
+    block_sums = xb @ _decay_powers(i, decay).to(x.dtype)
+    n = torch.arange(num_blocks, device=x.device)
+    block_gaps = n[:, None] - n[None, :] - 1  # [m, n]: m - n - 1, >= 0 for later blocks m > n
+    carry = torch.where(block_gaps >= 0, _decay_powers(block_size * block_gaps.clamp(min=0), decay), 0.0)
+    tail = block_sums @ carry.to(x.dtype)
+    into_block = _decay_powers(block_size - i, decay).to(x.dtype)
+    out = local + tail[..., None] * into_block
     return out.reshape(batch, -1)[:, :seq]
+
+
+def _compact(x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """Scatter each row's valid entries to the front (``slot`` = their 0-based rank, ``seq`` for invalid entries)."""
+    batch, seq = x.shape
+    out = x.new_zeros(batch, seq + 1)  # column ``seq`` collects the invalid entries and is dropped
+    return out.scatter_(1, slot, x)[:, :seq]
 
 
 def gae(
@@ -109,14 +100,17 @@ def gae(
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     dtype = torch.promote_types(torch.promote_types(rewards.dtype, values.dtype), torch.float32)
-    zero = torch.zeros((), dtype=dtype, device=mask.device)
-    r = torch.where(mask, rewards.detach().to(dtype), zero)
-    v = torch.where(mask, values.detach().to(dtype), zero)
     seq = mask.shape[1]
-    nxt = _next_valid_index(mask)
-    v_next = torch.where(nxt < seq, v.gather(1, nxt.clamp(max=seq - 1)), zero)
-    deltas = torch.where(mask, r + gamma * v_next - v, zero)
-    steps = mask.long().cumsum(dim=1)
-    advantages = torch.where(mask, discounted_reverse_cumsum(deltas, steps, gamma * lam, block_size), zero)
-    returns = torch.where(mask, advantages + v, zero)
-    return advantages, returns
+    rank = mask.long().cumsum(dim=1) - 1
+    # Masked entries are scattered into a spare column and never read, so garbage there (even NaN) cannot leak in.
+    slot = choose_index(mask, rank, seq)
+    r_c = _compact(rewards.detach().to(dtype), slot)
+    v_c = _compact(values.detach().to(dtype), slot)
+    # Compacted rows hold their valid tokens first and zeros after, so V_next of the last valid token is 0 and the
+    # deltas past the row's length are exactly 0.
+    v_next = torch.cat([v_c[:, 1:], v_c.new_zeros(v_c.shape[0], 1)], dim=1)
+    adv_c = discounted_reverse_cumsum(r_c + gamma * v_next - v_c, gamma * lam, block_size)
+    # Back to the original columns; everything gathered is finite, so a multiply by the mask zeroes the rest.
+    index = rank.clamp(min=0)
+    mask_f = mask.to(dtype)
+    return adv_c.gather(1, index) * mask_f, (adv_c + v_c).gather(1, index) * mask_f

@@ -13,12 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from megaseg.algorithms.segments import (
-    last_end_at_or_before,
-    num_segments,
-    pack_segment_ends,
-    segment_positions,
-)
+from megaseg.algorithms.segments import num_segments, pack_segment_ends, segment_positions
 from megaseg.algorithms.validation import check_choice, check_ends, check_finite, check_shape
 
 
@@ -50,7 +45,8 @@ def mean_segment_reward(values: torch.Tensor, ends: torch.Tensor, validate: bool
 def last_segment_reward(values: torch.Tensor, ends: torch.Tensor, validate: bool = True) -> torch.Tensor:
     """``[batch]``: reward of the final segment (the bandit reward when ``ends`` is the bandit segmentation)."""
     masked = _checked(values, ends, validate)
-    last_col = last_end_at_or_before(ends)[:, -1:].clamp(min=0)
+    cols = torch.arange(ends.shape[1], device=ends.device)
+    last_col = torch.where(ends, cols, 0).amax(dim=1, keepdim=True)
     return masked.gather(1, last_col).squeeze(1)
 
 

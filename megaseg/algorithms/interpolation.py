@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from megaseg.algorithms.segments import broadcast_from_segment_end, segment_lengths
+from megaseg.algorithms.segments import broadcast_from_segment_end
 from megaseg.algorithms.validation import check_choice, check_ends, check_finite, check_shape
 
 INTERPOLATION_MODES = ("even", "repeat", "none")
@@ -42,12 +42,9 @@ def token_rewards(
     check_shape("segment_values", segment_values, ends.shape, "ends")
     check_ends(ends, response_mask, validate)
     check_finite("segment_values at segment ends", segment_values, where=ends, validate=validate)
-    zero = torch.zeros((), dtype=segment_values.dtype, device=segment_values.device)
-    at_ends = torch.where(ends, segment_values, zero)
     if mode == "none":
-        return at_ends
-    if mode == "even":
-        # lengths are >= 1 at ends; clamp keeps the (discarded) non-end entries from dividing by 0.
-        lengths = segment_lengths(ends, response_mask, validate=False).clamp(min=1)
-        at_ends = at_ends / lengths.to(at_ends.dtype)
-    return broadcast_from_segment_end(at_ends, ends, response_mask, validate=False)
+        zero = torch.zeros((), dtype=segment_values.dtype, device=segment_values.device)
+        return torch.where(ends, segment_values, zero)
+    return broadcast_from_segment_end(
+        segment_values, ends, response_mask, validate=False, divide_by_length=(mode == "even")
+    )

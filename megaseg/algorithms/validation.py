@@ -52,17 +52,22 @@ def check_bool(name: str, tensor: torch.Tensor) -> None:
 
 
 def check_finite(name: str, tensor: torch.Tensor, where: torch.Tensor | None = None, validate: bool = True) -> None:
-    """No NaN/inf in ``tensor`` (only at the positions where ``where`` is True, if given)."""
+    """No NaN/inf in ``tensor`` (only at the positions where ``where`` is True, if given).
+
+    Fast path: NaN and inf propagate through a sum (and through a multiply by 1), so a finite masked sum proves every
+    selected entry finite with one cheap pass. A non-finite sum (a bad entry, a harmless overflow, or NaN at an
+    unselected position, which the multiply by 0 keeps) pays for the exact per-entry check.
+    """
     if not validate:
         return
-    finite = torch.isfinite(tensor)
+    selected = tensor if where is None else tensor * where
+    if bool(torch.isfinite(selected.sum())):
+        return
     if where is not None:
-        finite = finite | ~where
-    if not bool(finite.all()):
-        bad = ~finite
-        detail = ""
-        if bad.dim() >= 2:
-            detail = f" in rows {_rows(bad.flatten(1).any(dim=1))}"
+        tensor = torch.where(where, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        detail = f" in rows {_rows(bad.flatten(1).any(dim=1))}" if bad.dim() >= 2 else ""
         raise ValueError(f"{name} contains NaN or inf{detail}")
 
 
@@ -80,45 +85,48 @@ def check_response_mask(response_mask: torch.Tensor, validate: bool = True) -> N
     """[batch, seq] bool; each row holds one contiguous, non-empty run of response tokens.
 
     Contiguity is what lets the segment math use cumulative sums over the whole row: a prompt token between two response
-    tokens would otherwise be counted inside a segment.
+    tokens would otherwise be counted inside a segment. Both properties are one test: every row has exactly one
+    run start (one host sync; the diagnosis runs only on failure).
     """
     check_bool("response_mask", response_mask)
     check_2d("response_mask", response_mask)
     if not validate:
         return
-    empty = ~response_mask.any(dim=1)
+    starts = response_mask.clone()
+    starts[:, 1:] &= ~response_mask[:, :-1]
+    num_runs = starts.sum(dim=1)
+    if not bool((num_runs != 1).any()):
+        return
+    empty = num_runs == 0
     if bool(empty.any()):
         raise ValueError(
             f"response_mask rows {_rows(empty)} have no response tokens; every row needs at least one "
             "(drop empty responses before scoring)"
         )
-    starts = response_mask.clone()
-    starts[:, 1:] &= ~response_mask[:, :-1]
-    split = starts.sum(dim=1) > 1
-    if bool(split.any()):
-        raise ValueError(
-            f"response_mask rows {_rows(split)} hold more than one run of response tokens; the response must be "
-            "contiguous (prompt first, then response, then right padding)"
-        )
+    raise ValueError(
+        f"response_mask rows {_rows(num_runs > 1)} hold more than one run of response tokens; the response must be "
+        "contiguous (prompt first, then response, then right padding)"
+    )
 
 
 def check_eos_mask(eos_mask: torch.Tensor, response_mask: torch.Tensor, validate: bool = True) -> None:
-    """At most one EOS per row, and it is the row's last response token."""
+    """At most one EOS per row, and it is the row's last response token (one host sync when valid)."""
     check_bool("eos_mask", eos_mask)
     check_shape("eos_mask", eos_mask, response_mask.shape, "response_mask")
     if not validate:
         return
-    many = eos_mask.sum(dim=1) > 1
-    if bool(many.any()):
-        raise ValueError(f"eos_mask rows {_rows(many)} have more than one EOS; at most one per row is allowed")
     # EOS must be a response token followed by a non-response token (or the end of the row).
     followed = torch.zeros_like(response_mask)
     followed[:, :-1] = response_mask[:, 1:]
-    misplaced = (eos_mask & (~response_mask | followed)).any(dim=1)
-    if bool(misplaced.any()):
-        raise ValueError(
-            f"eos_mask rows {_rows(misplaced)} mark an EOS that is not the last response token of the row"
-        )
+    misplaced = eos_mask & (~response_mask | followed)
+    many = eos_mask.sum(dim=1) > 1
+    if not bool(misplaced.any() | many.any()):
+        return
+    if bool(many.any()):
+        raise ValueError(f"eos_mask rows {_rows(many)} have more than one EOS; at most one per row is allowed")
+    raise ValueError(
+        f"eos_mask rows {_rows(misplaced.any(dim=1))} mark an EOS that is not the last response token of the row"
+    )
 
 
 def check_masks(response_mask: torch.Tensor, eos_mask: torch.Tensor, validate: bool = True) -> None:
@@ -128,17 +136,17 @@ def check_masks(response_mask: torch.Tensor, eos_mask: torch.Tensor, validate: b
 
 
 def check_ends(ends: torch.Tensor, response_mask: torch.Tensor | None = None, validate: bool = True) -> None:
-    """A segment-end mask: [batch, seq] bool, only on response tokens, at least one end per row."""
+    """A segment-end mask: [batch, seq] bool, only on response tokens, at least one end per row (one sync if valid)."""
     check_bool("ends", ends)
     check_2d("ends", ends)
     if response_mask is not None:
         check_shape("ends", ends, response_mask.shape, "response_mask")
     if not validate:
         return
-    if response_mask is not None:
-        outside = (ends & ~response_mask).any(dim=1)
-        if bool(outside.any()):
-            raise ValueError(f"ends rows {_rows(outside)} mark segment ends outside the response")
     none = ~ends.any(dim=1)
-    if bool(none.any()):
-        raise ValueError(f"ends rows {_rows(none)} have no segment end; every response needs at least one segment")
+    outside = (ends & ~response_mask).any(dim=1) if response_mask is not None else torch.zeros_like(none)
+    if not bool((none | outside).any()):
+        return
+    if bool(outside.any()):
+        raise ValueError(f"ends rows {_rows(outside)} mark segment ends outside the response")
+    raise ValueError(f"ends rows {_rows(none)} have no segment end; every response needs at least one segment")

@@ -70,8 +70,10 @@ def test_gae_long_sequences_fp32_are_stable(gamma, lam):
 
 def test_discounted_reverse_cumsum_simple():
     x = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
-    steps = torch.tensor([[1, 2, 3]])
-    assert discounted_reverse_cumsum(x, steps, 0.5, block_size=2).tolist() == [[1 + 1 + 0.75, 2 + 1.5, 3.0]]
+    for block_size in (1, 2, 3, 64):
+        assert discounted_reverse_cumsum(x, 0.5, block_size).tolist() == [[1 + 1 + 0.75, 2 + 1.5, 3.0]]
+    assert discounted_reverse_cumsum(x, 0.0, 2).tolist() == [[1.0, 2.0, 3.0]]
+    assert discounted_reverse_cumsum(x, 1.0, 2).tolist() == [[6.0, 5.0, 3.0]]
 
 
 def test_gae_errors():
