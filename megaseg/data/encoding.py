@@ -26,6 +26,10 @@ class TokenizedSequence:
     response_ids: tuple[int, ...]  # [response length] >= 1
     ends_with_eos: bool            # the last response token is a stop token (a finished answer)
 
+    def __post_init__(self) -> None:
+        if self.ends_with_eos and not self.response_ids:
+            raise ValueError("ends_with_eos=True needs a response token to be the EOS; the response is empty")
+
 
 @dataclass(frozen=True)
 class TokenizedPair:

@@ -69,6 +69,13 @@ def test_collate_prompts_left_pads():
     assert wide.input_ids.tolist() == [[PAD, PAD, 8, 9]] and wide.position_ids.tolist() == [[0, 0, 0, 1]]
 
 
+def test_empty_response_cannot_claim_an_eos():
+    with pytest.raises(ValueError, match="response is empty"):
+        TokenizedSequence((1, 2), (), True)
+    batch = collate_sequences([TokenizedSequence((1, 2), (), False)], PAD)
+    assert not batch.response_mask.any() and not batch.eos_mask.any()
+
+
 def test_empty_inputs_are_refused():
     for collate in (collate_pairs, collate_prompts, collate_sequences):
         with pytest.raises(ValueError, match="empty"):

@@ -128,3 +128,28 @@ def test_config_validation():
         DataConfig(eval_path="e.jsonl", eval_fraction=0.1)
     with pytest.raises(ValueError, match="data.train_path is not set"):
         load_preference_splits(DataConfig(), None, seed=0)
+
+
+def test_shipped_pairs_to_one_forward_batch_with_smollm2(smollm2_tokenizer):
+    from megaseg.data.batch import collate_pairs
+    from megaseg.data.sampler import ResumableShardedSampler
+    from megaseg.data.tokenizer import padding_token_id
+
+    renderer = ChatTemplateRenderer(smollm2_tokenizer)
+    data = DataConfig(train_path="shipped:" + HH_RLHF_HARMLESS_PAIRS, max_samples=16, max_length=192,
+                      max_prompt_length=128)
+    train, _ = load_preference_splits(data, renderer, seed=0)
+    sampler = ResumableShardedSampler(len(train.pairs), seed=0, dp_rank=1, dp_size=2)
+    indices = list(sampler)[:4]
+    batch = collate_pairs([train.pairs[i] for i in indices], padding_token_id(smollm2_tokenizer))
+    sequences = batch.sequences
+    assert sequences.batch_size == 8 and sequences.seq_length <= 192
+    # Every response (all end with <|im_end|> = 2) has exactly one EOS mark, on its last response token.
+    assert sequences.eos_mask.sum(dim=1).tolist() == [1] * 8
+    last_response_column = sequences.attention_mask.sum(dim=1) - 1
+    assert sequences.input_ids.gather(1, last_response_column[:, None]).squeeze(1).tolist() == [2] * 8
+    assert sequences.eos_mask.gather(1, last_response_column[:, None]).all()
+    assert (sequences.prompt_lengths() <= 128).all()
+    chosen, rejected = batch.split_rows(sequences.response_lengths())
+    assert chosen.tolist() == [len(train.pairs[i].chosen.response_ids) for i in indices]
+    assert rejected.tolist() == [len(train.pairs[i].rejected.response_ids) for i in indices]
