@@ -43,7 +43,10 @@ class LoadedPrompts:
 
 def load_prompts(path: str | Path, *, format: str = "auto", skip_invalid: bool = False,
                  max_samples: Optional[int] = None) -> LoadedPrompts:
-    """Read every prompt of `path`; bad records raise InvalidRecordError (file:line) or, with skip_invalid, are counted."""
+    """Read every prompt of `path` (a file, datasets directory or `shipped:` path).
+
+    Bad records raise InvalidRecordError (naming file:line) or, with skip_invalid, are counted by reason.
+    """
     if format not in PROMPT_FORMATS:
         raise ValueError(f"prompt format {format!r} is not one of {list(PROMPT_FORMATS)}")
     if max_samples is not None and max_samples <= 0:

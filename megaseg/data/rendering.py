@@ -51,7 +51,8 @@ def _check_text_prefix(prompt_text: str, full_text: str) -> None:
     raise RenderError("template_prefix_mismatch",
                       "the chat template renders the prompt (with the generation prompt) differently from the start "
                       f"of the full conversation, from character {position}: prompt has "
-                      f"{prompt_text[position:position + 40]!r}, conversation has {full_text[position:position + 40]!r}; "
+                      f"{prompt_text[position:position + 40]!r}, conversation has "
+                      f"{full_text[position:position + 40]!r}; "
                       "megaseg needs a template whose prompt render is a prefix of the conversation render")
 
 

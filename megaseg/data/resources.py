@@ -1,6 +1,7 @@
 """Data files shipped inside the megaseg package (megaseg/resources/data/), so demos run without a download.
 
-A config may name a shipped file with the `shipped:` prefix, e.g. `data.train_path=shipped:hh_rlhf_harmless/pairs.jsonl`;
+A config may name a shipped file with the `shipped:` prefix, e.g.
+`data.train_path=shipped:hh_rlhf_harmless/pairs.jsonl`;
 `resolve_data_path` turns that into a real path and leaves every other path alone.
 """
 from __future__ import annotations

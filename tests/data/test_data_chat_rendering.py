@@ -111,7 +111,8 @@ def test_system_turn_is_rendered(request, model):
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     if model == "llama3":
         text = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
-                "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+                "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+                "<|start_header_id|>assistant<|end_header_id|>\n\n")
     else:
         text = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert list(ChatTemplateRenderer(tokenizer).prompt_ids(prompt)) == tokenizer(text, add_special_tokens=False)[

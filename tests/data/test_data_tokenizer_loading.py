@@ -12,7 +12,8 @@ SEPARATOR = "\n__ggml_vocab_test__\n"
 
 def golden_vectors(vocab_name):
     """llama.cpp's test files: inputs end with the separator line; the .out file has one id list per input."""
-    inputs_path, outputs_path = VECTORS / f"ggml-vocab-{vocab_name}.gguf.inp", VECTORS / f"ggml-vocab-{vocab_name}.gguf.out"
+    inputs_path = VECTORS / f"ggml-vocab-{vocab_name}.gguf.inp"
+    outputs_path = VECTORS / f"ggml-vocab-{vocab_name}.gguf.out"
     if not inputs_path.is_file():
         pytest.skip(f"{inputs_path} is not available")
     inputs = inputs_path.read_text(encoding="utf-8").split(SEPARATOR)
