@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 setup(
     name="megaseg",
@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["megaseg", "megaseg.*"]),
+    # Namespace discovery so resource folders (megaseg/resources/data/...) are packaged without __init__.py.
+    packages=find_namespace_packages(include=["megaseg", "megaseg.*"], exclude=["*.__pycache__"]),
     package_data={"megaseg": ["resources/**/*"]},
     include_package_data=True,
     install_requires=[
