@@ -1,5 +1,7 @@
-"""Data shipped in the package: reachable without ../shared, unchanged, with its licenses."""
+"""Data shipped in the package: reachable without ../shared, as made from the sources, with its licenses."""
 import hashlib
+import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -19,8 +21,34 @@ def test_shipped_files_live_inside_the_package():
     assert "Apache License" in shipped_path("prompts/LICENSE").read_text()
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_hh_rlhf_is_the_source_without_the_leftover_speaker_tag(tmp_path):
+    source = SHARED_DATA / "hh-rlhf-harmless/pairs.jsonl"
+    if not source.is_file():
+        pytest.skip(f"{source} is not available")
+    shipped = [json.loads(line) for line in shipped_path(HH_RLHF_HARMLESS_PAIRS).read_text().splitlines()]
+    original = [json.loads(line) for line in source.read_text().splitlines()]
+    assert len(shipped) == len(original) == 1830
+    for ours, theirs in zip(shipped, original):
+        # Independent of tools/prepare_hh_rlhf.py: only the last user turn changes, losing its trailing tag.
+        for side in ("chosen", "rejected"):
+            last_user = max(i for i, m in enumerate(theirs[side]) if m["role"] == "user")
+            for index, (mine, upstream) in enumerate(zip(ours[side], theirs[side])):
+                expected = upstream["content"]
+                if index == last_user:
+                    assert expected.endswith("\n\nAssistant:")
+                    expected = expected[: -len("\n\nAssistant:")]
+                assert mine == {**upstream, "content": expected}
+    spec = importlib.util.spec_from_file_location("prepare_hh_rlhf", REPO / "tools/prepare_hh_rlhf.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tool.prepare(source, tmp_path / "pairs.jsonl")
+    assert (tmp_path / "pairs.jsonl").read_bytes() == shipped_path(HH_RLHF_HARMLESS_PAIRS).read_bytes()
+
+
 @pytest.mark.parametrize("shipped, original", [
-    (HH_RLHF_HARMLESS_PAIRS, "hh-rlhf-harmless/pairs.jsonl"),
     (MT_BENCH_QUESTIONS, "prompts/mt_bench_question.jsonl"),
     (ARENA_HARD_V01_QUESTIONS, "prompts/arena-hard-v0.1_question.jsonl"),
 ])
