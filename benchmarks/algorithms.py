@@ -149,7 +149,8 @@ def time_pipelines(batch: int, seq: int, loop_rows: int, device: str, repeats: i
     # Agreement on the subset (whitening statistics depend on the row set, so compare on the same rows).
     sub = {name: t[rows] for name, t in rollout.items()}
     diff = (vectorised_pipeline(sub).double().cpu() - torch.tensor(loop_out, dtype=torch.float64)).abs().max().item()
-    segments = int(entropy_segment_ends(rollout["entropy"], rollout["response_mask"], rollout["eos_mask"], CUTOFF).sum())
+    ends = entropy_segment_ends(rollout["entropy"], rollout["response_mask"], rollout["eos_mask"], CUTOFF)
+    segments = int(ends.sum())
     return {
         "pipeline_batch": batch,
         "pipeline_seq": seq,
@@ -187,7 +188,8 @@ before = rss()
 peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 out = token_entropy(logits, chunk_size=chunk)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({{"extra": peak - before, "blind_spot": max(0, peak_before - before), "mean_entropy": out.mean().item()}}))
+result = {{"extra": peak - before, "blind_spot": max(0, peak_before - before), "mean_entropy": out.mean().item()}}
+print(json.dumps(result))
 """
 
 
@@ -222,8 +224,8 @@ def main() -> None:
     figures = time_pipelines(args.batch, args.seq, args.loop_rows, args.device, args.repeats)
     print(
         f"pipeline {args.batch}x{args.seq} on {args.device} ({args.threads} thread(s)): vectorised "
-        f"{figures['vectorised_s'] * 1e3:.1f} ms ({figures['vectorised_validate_everywhere_s'] * 1e3:.1f} ms validating "
-        "in every function), "
+        f"{figures['vectorised_s'] * 1e3:.1f} ms "
+        f"({figures['vectorised_validate_everywhere_s'] * 1e3:.1f} ms validating in every function), "
         f"loop {figures['loop_extrapolated_s']:.2f} s (timed on {figures['loop_rows_timed']} rows = "
         f"{figures['loop_tokens_timed']} tokens, extrapolated linearly to {figures['response_tokens']} tokens) -> "
         f"{figures['speedup']}x; max |diff| vs loop {figures['max_abs_diff_vs_loop']:.2e}"
@@ -247,9 +249,9 @@ def main() -> None:
         }
     )
     print(
-        f"token_entropy {args.positions}x{args.vocab} bf16: chunk {args.chunk} ({figures['entropy_chunk_fp32_mib']} MiB "
-        f"fp32) peak extra {figures['entropy_chunked_peak_mib']} MiB = {figures['entropy_chunked_peak_in_chunks']} "
-        f"chunks; unchunked {figures['entropy_unchunked_peak_mib']} MiB"
+        f"token_entropy {args.positions}x{args.vocab} bf16: chunk {args.chunk} "
+        f"({figures['entropy_chunk_fp32_mib']} MiB fp32) peak extra {figures['entropy_chunked_peak_mib']} MiB = "
+        f"{figures['entropy_chunked_peak_in_chunks']} chunks; unchunked {figures['entropy_unchunked_peak_mib']} MiB"
     )
     figures["targets_met"] = figures["speedup"] >= 50 and figures["entropy_chunked_peak_in_chunks"] <= 2.0
     print(json.dumps(figures))

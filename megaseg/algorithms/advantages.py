@@ -30,14 +30,19 @@ DEFAULT_BLOCK_SIZE = 64
 
 def _decay_powers(exponents: torch.Tensor, decay: float) -> torch.Tensor:
     """decay ** exponents for integer exponents >= 0 (0 ** 0 = 1, so decay = 0 keeps only the diagonal terms)."""
-    return torch.pow(torch.tensor(decay, dtype=torch.float64), exponents.double())
+    return torch.pow(torch.tensor(decay, dtype=torch.float64, device=exponents.device), exponents.double())
 
 
 def discounted_reverse_cumsum(x: torch.Tensor, decay: float, block_size: int = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
     """y_t = sum_{k >= t} decay^(k - t) x_k along the last dimension of a [batch, seq] tensor, decay in [0, 1].
 
-    Computed in the dtype of ``x`` (the weights are built in fp64 and cast).
+    Returned in the dtype of ``x``. On GPU the matmuls run in fp64: Megatron setups commonly enable TF32 matmuls, which
+    would round these weights and sums to 10 mantissa bits; the matrices are small, so fp64 costs little there. On CPU
+    (no TF32) they run in the dtype of ``x``, where fp64 would be several times slower.
     """
+    out_dtype = x.dtype
+    if x.is_cuda:
+        x = x.double()
     batch, seq = x.shape
     num_blocks = -(-seq // block_size)
     pad = num_blocks * block_size - seq
@@ -57,7 +62,7 @@ def discounted_reverse_cumsum(x: torch.Tensor, decay: float, block_size: int = D
     tail = block_sums @ carry.to(x.dtype)
     into_block = _decay_powers(block_size - i, decay).to(x.dtype)
     out = local + tail[..., None] * into_block
-    return out.reshape(batch, -1)[:, :seq]
+    return out.reshape(batch, -1)[:, :seq].to(out_dtype)
 
 
 def _compact(x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ Indexing (see notes/method-conventions.md): ``logits[..., j, :]`` is the distrib
 by one: ``tokens = input_ids[..., 1:]`` with ``logits[..., :-1, :]``).
 
 A non-contiguous ``logits`` whose leading dimensions cannot be flattened as a view (e.g. a transposed megatron
-``[seq, batch, vocab]`` output) is copied once, in its own dtype, by ``reshape``; pass a contiguous tensor to avoid that.
+``[seq, batch, vocab]`` output) is copied once, in its own dtype, by ``reshape``; pass a contiguous tensor to avoid
+that.
 """
 
 from __future__ import annotations

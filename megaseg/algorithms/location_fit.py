@@ -45,7 +45,8 @@ def checked_pairs(positions, rewards) -> tuple[np.ndarray, np.ndarray]:
     outside = (p <= 0) | (p > 1)
     if outside.any():
         raise ValueError(
-            f"positions must lie in (0, 1] (p = (t + 1) / T); {int(outside.sum())} do not, e.g. {p[outside][:5].tolist()}"
+            f"positions must lie in (0, 1] (p = (t + 1) / T); {int(outside.sum())} do not, "
+            f"e.g. {p[outside][:5].tolist()}"
         )
     return p, r
 

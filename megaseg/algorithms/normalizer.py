@@ -2,7 +2,8 @@
 
 All normalizers share one interface:
 
-- ``Cls.fit(positions, rewards, **metadata)`` from flat 1-D calibration data (one entry per segment reward, p in (0, 1]);
+- ``Cls.fit(positions, rewards, **metadata)`` from flat 1-D calibration data (one entry per segment reward,
+  p in (0, 1]);
 - ``normalizer(rewards, positions)`` on torch tensors of any shape, typically ``[batch, seq]`` with p at segment ends
   and 0 elsewhere. Entries with ``positions <= 0`` are not segment rewards and come out as 0, so a raw head output at a
   non-end position can never leak into a sum downstream and p = 0 never reaches log(p). ``positions=None`` (scalar
@@ -122,11 +123,13 @@ class Normalizer:
         raise NotImplementedError
 
     def __call__(self, rewards: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalized rewards (same shape/dtype as ``rewards``); 0 wherever ``positions <= 0``."""
+        """Normalized rewards, same shape as ``rewards``, in at least fp32; 0 wherever ``positions <= 0``."""
         if positions is not None and positions.shape != rewards.shape:
             raise ValueError(
                 f"positions has shape {tuple(positions.shape)} but rewards has shape {tuple(rewards.shape)}"
             )
+        # bf16 head outputs are upcast: log p and the division need more than 8 mantissa bits.
+        rewards = rewards.to(torch.promote_types(rewards.dtype, torch.float32))
         out = self._normalize(rewards, positions)
         if positions is None:
             return out
@@ -233,11 +236,10 @@ class LocationNormalizer(Normalizer):
     def _normalize(self, rewards: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         if positions is None:
             raise ValueError("LocationNormalizer needs the segment locations p (positions) of the rewards")
-        dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
-        log_p = torch.log(positions.to(dtype).clamp(min=self.p_min, max=1.0) + LOG_EPS)
+        log_p = torch.log(positions.to(rewards.dtype).clamp(min=self.p_min, max=1.0) + LOG_EPS)
         mean = self.w_mu * log_p + self.b_mu
         std = self.w_sigma * log_p + self.b_sigma
-        return (rewards.to(dtype) - mean) / std
+        return (rewards - mean) / std
 
 
 class ScalarNormalizer(Normalizer):

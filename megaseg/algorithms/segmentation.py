@@ -184,7 +184,11 @@ def segment_ends(
     """
     if mode not in SEGMENTATION_MODES:
         raise ValueError(f"segmentation mode {mode!r} is not supported; choose one of {list(SEGMENTATION_MODES)}")
-    needed = {"entropy": {"entropy": entropy, "cutoff": cutoff}, "ngram": {"n": n}, "sentence": {"token_texts": token_texts}}
+    needed = {
+        "entropy": {"entropy": entropy, "cutoff": cutoff},
+        "ngram": {"n": n},
+        "sentence": {"token_texts": token_texts},
+    }
     missing = [name for name, value in needed.get(mode, {}).items() if value is None]
     if missing:
         raise ValueError(f"segmentation mode {mode!r} needs {missing}")

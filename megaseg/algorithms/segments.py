@@ -76,13 +76,6 @@ def segment_positions(ends: torch.Tensor, response_mask: torch.Tensor, validate:
     return counts * ends_float / counts[:, -1:].clamp(min=1.0)
 
 
-def _scatter_to_slots(values: torch.Tensor, slot: torch.Tensor, reduce_sum: bool = False) -> torch.Tensor:
-    """``[batch, seq + 1]``: values scattered (or summed) into their slots; slot ``seq`` is a spare column."""
-    batch, seq = values.shape
-    out = values.new_zeros(batch, seq + 1)
-    return out.scatter_add_(1, slot, values) if reduce_sum else out.scatter_(1, slot, values)
-
-
 def _segment_table(values: torch.Tensor, ends: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     """``[batch, seq + 2]``: ``values`` at the end of segment t in column t; columns ``seq`` and ``seq + 1`` are spares.
 

@@ -74,7 +74,9 @@ def test_entropy_empty_and_default_chunk():
     assert default_chunk_size(10**12) == 1
 
 
-@given(st.integers(1, 3), st.integers(1, 8), st.integers(2, 30), st.sampled_from([None, 1, 3, 1000]), st.integers(0, 999))
+@given(
+    st.integers(1, 3), st.integers(1, 8), st.integers(2, 30), st.sampled_from([None, 1, 3, 1000]), st.integers(0, 999)
+)
 def test_log_probs_chunked_match_log_softmax(batch, seq, vocab, chunk, seed):
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(batch, seq, vocab, generator=gen) * 5

@@ -62,7 +62,8 @@ def test_gae_long_sequences_fp32_are_stable(gamma, lam):
     adv, ret = ppo.gae(rewards, values, mask, gamma, lam)
     assert adv.dtype == torch.float32 and torch.isfinite(adv).all()
     for b in range(2):
-        exp_adv, _ = ref.gae_row(rewards[b].double().tolist(), values[b].double().tolist(), mask[b].tolist(), gamma, lam)
+        row = (rewards[b].double().tolist(), values[b].double().tolist(), mask[b].tolist())
+        exp_adv, _ = ref.gae_row(*row, gamma, lam)
         exp = torch.tensor(exp_adv)
         # fp32 accumulation over up to 2048 terms: error relative to the largest advantage of the row.
         assert (adv[b].double() - exp).abs().max() <= 1e-5 * max(1.0, exp.abs().max().item())
@@ -83,7 +84,10 @@ def test_gae_errors():
         ppo.gae(torch.zeros(1, 2), torch.zeros(1, 3), torch.ones(1, 2, dtype=torch.bool), 1.0, 0.95)
 
 
-@given(st.lists(st.tuples(st.floats(-5, 5), st.floats(-5, 5)), min_size=1, max_size=10), st.sampled_from(ppo.KL_ESTIMATORS))
+@given(
+    st.lists(st.tuples(st.floats(-5, 5), st.floats(-5, 5)), min_size=1, max_size=10),
+    st.sampled_from(ppo.KL_ESTIMATORS),
+)
 def test_kl_estimators(pairs, kind):
     logp = torch.tensor([a for a, _ in pairs], dtype=torch.float64)
     ref_logp = torch.tensor([b for _, b in pairs], dtype=torch.float64)
@@ -187,3 +191,14 @@ def test_dpo_errors():
         dpo_loss(z, z, z, z, beta=0)
     with pytest.raises(ValueError, match="label_smoothing must be in"):
         dpo_loss(z, z, z, z, label_smoothing=0.5)
+
+
+def test_gae_ignores_garbage_at_masked_positions():
+    mask = torch.tensor([[False, True, True, False, True, False]])
+    rewards = torch.tensor([[float("nan"), 1.0, 2.0, float("inf"), 3.0, float("nan")]])
+    values = torch.tensor([[float("inf"), 0.5, 0.25, float("nan"), 0.125, -float("inf")]])
+    adv, ret = ppo.gae(rewards, values, mask, 0.9, 0.8)
+    clean_r = torch.where(mask, rewards, 0.0)
+    clean_v = torch.where(mask, values, 0.0)
+    exp_adv, exp_ret = ref.gae_row(clean_r[0].tolist(), clean_v[0].tolist(), mask[0].tolist(), 0.9, 0.8)
+    assert adv[0].tolist() == pytest.approx(exp_adv) and ret[0].tolist() == pytest.approx(exp_ret)

@@ -214,3 +214,24 @@ def test_error_ends_outside_response_or_missing():
         seg.segment_positions(torch.ones(2, 4, dtype=torch.bool), response)
     with pytest.raises(ValueError, match=r"rows \[0\] have no segment end"):
         seg.segment_ids(torch.tensor([[0, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.bool), response)
+
+
+def test_finite_check_fast_path_and_fallback():
+    from megaseg.algorithms.validation import check_finite
+
+    # NaN at an unselected position makes the fast masked sum non-finite; the exact check must still pass.
+    check_finite("x", torch.tensor([[1.0, float("nan")]]), where=torch.tensor([[True, False]]))
+    # Finite entries whose sum overflows also pass.
+    check_finite("x", torch.tensor([[3e38, 3e38]]))
+    with pytest.raises(ValueError, match=r"x contains NaN or inf in rows \[0\]"):
+        check_finite("x", torch.tensor([[3e38, -float("inf")]]))
+
+
+def test_numpy_scalars_are_accepted_as_cutoff_and_n():
+    import numpy as np
+
+    response, eos = _good()
+    seg.entropy_segment_ends(torch.zeros(2, 4), response, eos, cutoff=np.float32(1.75))
+    seg.ngram_segment_ends(response, eos, n=np.int64(2))
+    with pytest.raises(ValueError, match="cutoff must be a finite number >= 0, got inf"):
+        seg.entropy_segment_ends(torch.zeros(2, 4), response, eos, cutoff=float("inf"))
