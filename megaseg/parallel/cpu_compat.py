@@ -139,6 +139,15 @@ class _DropCpuRngChangedWarning(logging.Filter):
 def _patch_megatron_rng() -> None:
     from megatron.core.tensor_parallel import random as mcore_random
 
+    # Checked against megatron-core 0.16.1 and the 0.17+ main branch; a release that renames these must fail loudly
+    # here rather than leave the tracker on the missing CUDA generator.
+    missing = [name for name in ("_get_cuda_rng_state", "_set_cuda_rng_state", "CudaRNGStatesTracker")
+               if not hasattr(mcore_random, name)]
+    if missing:
+        raise RuntimeError(
+            f"megatron.core.tensor_parallel.random has no {missing} in this megatron-core release; "
+            "megaseg.parallel.cpu_compat must be updated to patch its RNG tracker for CPU"
+        )
     # The tracker's fork(), activation checkpointing and get_all_rng_states go through these two module functions.
     mcore_random._get_cuda_rng_state = _get_rng_state_on_cpu
     mcore_random._set_cuda_rng_state = _set_rng_state_on_cpu

@@ -117,6 +117,12 @@ def check_hardware_support(parallel_cfg: ParallelConfig, fp8: Optional[str]) -> 
             "parallel.sequence_parallel=true needs CUDA (megatron's torch LayerNorm refuses it on CPU); "
             "set parallel.sequence_parallel=false on this CPU-only machine"
         )
+    if parallel_cfg.context_parallel_size > 1:
+        # megatron's local DotProductAttention asserts context_parallel_size == 1; only TE attention splits sequences.
+        raise ValueError(
+            f"parallel.context_parallel_size={parallel_cfg.context_parallel_size} needs TransformerEngine attention "
+            "on CUDA; set parallel.context_parallel_size=1 on this CPU-only machine"
+        )
     if fp8 is not None:
         raise ValueError(
             f"model.fp8={fp8!r} needs a CUDA GPU with TransformerEngine; set model.fp8=null on this CPU-only machine"
@@ -241,14 +247,15 @@ def initialize_parallel(
     Returns:
         The frozen ``ParallelContext``. Call ``destroy_parallel()`` before initialising again.
     """
-    from megatron.core import parallel_state as ps
-
-    if ps.model_parallel_is_initialized():
-        raise RuntimeError("megatron parallel_state is already initialised; call destroy_parallel() first")
     launch = read_launch_env(env)
     check_hardware_support(parallel_cfg, fp8)
     backend = resolve_backend(parallel_cfg)
     check_parallel_sizes(parallel_cfg, launch.world_size)
+    # Imported after the checks above, so that a user mistake is reported without the 4 s megatron import.
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        raise RuntimeError("megatron parallel_state is already initialised; call destroy_parallel() first")
     device = _select_device(launch)
     apply_cpu_compat()
     _start_process_group(launch, backend, timedelta(minutes=parallel_cfg.distributed_timeout_minutes))

@@ -42,6 +42,7 @@ def test_data_parallel_size_is_derived(tp, pp, cp, world, dp):
         (ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True), None, "sequence_parallel=true needs CUDA"),
         (ParallelConfig(), "hybrid", "model.fp8='hybrid' needs a CUDA GPU"),
         (ParallelConfig(backend="nccl"), None, "backend='nccl' needs CUDA"),
+        (ParallelConfig(context_parallel_size=2), None, "context_parallel_size=2 needs TransformerEngine"),
     ],
 )
 def test_gpu_only_features_are_refused_on_cpu(cfg, fp8, message):
@@ -86,6 +87,7 @@ def _init_from_torchrun(rank, world_size, tp, pp):
     return first, second
 
 
+@pytest.mark.distributed
 def test_torchrun_env_two_ranks_tensor_parallel():
     results = run_distributed(_init_from_torchrun, 2, 2, 1, timeout=120)
     for rank, (first, second) in enumerate(results):
@@ -99,7 +101,7 @@ def test_torchrun_env_two_ranks_tensor_parallel():
     assert results[0][0]["random"] == results[1][0]["random"]
 
 
-@pytest.mark.slow
+@pytest.mark.distributed
 def test_torchrun_env_four_ranks_tp2_pp2():
     results = run_distributed(_init_from_torchrun, 4, 2, 2, timeout=180)
     for rank, (first, _) in enumerate(results):
@@ -135,6 +137,7 @@ def _free_port_in_slurm_range() -> int:
     raise RuntimeError("no free port in the Slurm-derived range")
 
 
+@pytest.mark.distributed
 def test_fake_slurm_env_two_ranks():
     # Choose a job id whose derived MASTER_PORT is free right now on this machine.
     job_id = _free_port_in_slurm_range() - SLURM_PORT_BASE + 7 * SLURM_PORT_SPAN
