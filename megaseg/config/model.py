@@ -12,6 +12,8 @@ ACTIVATIONS = ("swiglu", "gelu")
 DTYPES = ("float32", "bfloat16", "float16")
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 FP8_FORMATS = ("e4m3", "hybrid")
+# megatron-core Fp8Recipe names that need no extra objects ("custom" needs a quantizer factory megaseg does not build).
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,8 @@ class ModelConfig:
     # Where the weights and tokenizer come from (local paths only: megaseg never downloads).
     tokenizer: Optional[str] = None
     checkpoint: Optional[str] = None
-    # Token ids that end a response (the model's stop tokens); the first one is written as EOS when truncating.
+    # Token ids that end a response (the model's stop tokens; empty = the chat template's end-of-turn token, then
+    # the tokenizer's EOS). Truncation writes back the response's own stop token, not the first of these.
     eos_token_ids: List[int] = field(default_factory=list)
     transformer_impl: str = "auto"
     fp8: Optional[str] = None
@@ -58,6 +61,7 @@ class ModelConfig:
         check_choice("model.transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
         if self.fp8 is not None:
             check_choice("model.fp8", self.fp8, FP8_FORMATS)
+        check_choice("model.fp8_recipe", self.fp8_recipe, FP8_RECIPES)
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
                      "max_position_embeddings"):
             check_positive(f"model.{name}", getattr(self, name))
