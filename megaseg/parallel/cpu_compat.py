@@ -57,7 +57,7 @@ class _StandInStream:
     def wait_event(self, event: Any) -> None:
         pass
 
-    def record_event(self, event: Any = None) -> None:
+    def record_event(self, event: Any = None) -> Any:
         return event
 
     def synchronize(self) -> None:

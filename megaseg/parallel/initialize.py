@@ -52,12 +52,12 @@ class ParallelContext:
     pp_rank: int
     cp_rank: int
     dp_rank: int
-    tp_group: Any
-    pp_group: Any
-    cp_group: Any
-    dp_group: Any
-    dp_cp_group: Any
-    model_parallel_group: Any
+    tp_group: dist.ProcessGroup
+    pp_group: dist.ProcessGroup
+    cp_group: dist.ProcessGroup
+    dp_group: dist.ProcessGroup
+    dp_cp_group: dist.ProcessGroup
+    model_parallel_group: dist.ProcessGroup
     seed: int
 
     @property

@@ -141,6 +141,7 @@ class _Run:
         self.values: dict[int, Any] = {}
         self.errors: dict[int, str] = {}
         self.exceptions: dict[int, BaseException] = {}
+        self.seen_dead: set[int] = set()
 
     def _record(self, rank: int, status: str, payload: Any) -> None:
         if status == "ok":
@@ -152,10 +153,15 @@ class _Run:
             self.exceptions[rank] = pickle.loads(exc_payload)
 
     def _note_silent_deaths(self) -> None:
+        """A rank that exited without a report is dead. A rank flushes its report before it exits, but the parent
+        can see the exit between an empty poll and this check, so only a rank seen dead on two consecutive empty
+        polls counts."""
         for rank, process in enumerate(self.processes):
-            reported = rank in self.values or rank in self.errors
-            if not reported and process.exitcode is not None and process.exitcode != 0:
+            if rank in self.values or rank in self.errors or process.exitcode is None:
+                continue
+            if rank in self.seen_dead:
                 self.errors[rank] = f"rank {rank} died with exit code {process.exitcode} without reporting"
+            self.seen_dead.add(rank)
 
     def execute(self) -> None:
         for process in self.processes:

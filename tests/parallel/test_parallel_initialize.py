@@ -73,6 +73,7 @@ def _describe(context):
         "dp": (context.dp_size, context.dp_rank), "cp": (context.cp_size, context.cp_rank),
         "first_stage": context.is_first_pipeline_stage, "last_stage": context.is_last_pipeline_stage, "sums": sums,
         "random": float(torch.rand(1)),
+        "pg_collection_tp_size": context.process_group_collection().tp.size(),
     }
 
 
@@ -96,6 +97,7 @@ def test_torchrun_env_two_ranks_tensor_parallel():
         assert (first["launcher"], first["backend"]) == ("torchrun", "gloo")
         assert first["tp"] == (2, rank) and first["pp"] == (1, 0) and first["dp"] == (1, 0) and first["cp"] == (1, 0)
         assert first["first_stage"] and first["last_stage"]
+        assert first["pg_collection_tp_size"] == 2
         assert first["sums"] == {"tp_group": 1.0, "pp_group": rank, "dp_group": rank, "cp_group": rank}
     # The default generator is seeded identically on the tensor-parallel ranks (megatron's data-parallel seed).
     assert results[0][0]["random"] == results[1][0]["random"]

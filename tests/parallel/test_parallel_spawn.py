@@ -94,3 +94,14 @@ def test_a_hang_times_out():
 def test_bad_world_size(world_size):
     with pytest.raises(ValueError, match="world_size must be a positive integer"):
         run_distributed(_fail_on_rank_one, world_size)
+
+
+def _exit_cleanly_without_reporting(rank, world_size):
+    os._exit(0)
+
+
+def test_a_clean_exit_without_a_report_is_not_waited_for():
+    started = time.monotonic()
+    with pytest.raises(DistributedRunError, match="exit code 0 without reporting"):
+        run_distributed(_exit_cleanly_without_reporting, 1, timeout=60)
+    assert time.monotonic() - started < 30
