@@ -27,9 +27,12 @@ class RewardModelConfig:
     # Train only the top N transformer layers and the head (None: all), for small machines.
     train_top_layers: Optional[int] = None
     eval_every: int = 0
+    # Sequences per forward pass when scoring (fit-normalizer, eval-rm): inference only, so larger than training's.
+    scoring_micro_batch_size: int = 8
 
     def __post_init__(self) -> None:
         check_choice("rm.aggregation", self.aggregation, AGGREGATIONS)
+        check_positive("rm.scoring_micro_batch_size", self.scoring_micro_batch_size)
         check_positive("rm.global_batch_size", self.global_batch_size)
         check_positive("rm.micro_batch_size", self.micro_batch_size)
         check_positive("rm.epochs", self.epochs)
