@@ -76,10 +76,12 @@ def _entropy_chunk_inplace(chunk: torch.Tensor) -> torch.Tensor:
 
 def _entropy_chunk_differentiable(chunk: torch.Tensor) -> torch.Tensor:
     """Same value as ``_entropy_chunk_inplace`` built from out-of-place ops, so autograd can differentiate it."""
-    x = chunk.float()
-    log_probs = torch.log_softmax(x, dim=-1)
-    finite_log_probs = log_probs.clamp(min=torch.finfo(torch.float32).min)
-    return -(log_probs.exp() * finite_log_probs).sum(dim=-1)
+    log_probs = torch.log_softmax(chunk.float(), dim=-1)
+    # A -inf logit (a masked vocabulary entry) contributes 0 * -inf. Zero its log-prob with `where` rather than clamping
+    # it to the most negative float: a clamped value times an upstream gradient > 1 overflows to -inf, and the product
+    # rule then multiplies it by the entry's zero probability gradient, giving NaN for the whole row.
+    safe_log_probs = torch.where(torch.isfinite(log_probs), log_probs, torch.zeros_like(log_probs))
+    return -(log_probs.exp() * safe_log_probs).sum(dim=-1)
 
 
 def token_entropy(logits: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:

@@ -68,6 +68,25 @@ def test_entropy_gradient_matches_autograd_of_naive_formula():
     torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_entropy_gradient_is_finite_with_masked_entries_and_large_upstream_gradient():
+    # Regression: clamping -inf log-probs to the most negative float overflowed once scaled by an upstream
+    # gradient > 1, turning the whole row's gradient into NaN.
+    logits = torch.tensor([[0.5, -math.inf, 1.5, -0.25], [0.0, 1.0, 2.0, 3.0]], dtype=torch.float64)
+    finite = torch.isfinite(logits)
+    a = logits.float().clone().requires_grad_(True)
+    (3.0 * token_entropy(a, chunk_size=1)).sum().backward()
+    assert torch.isfinite(a.grad).all()
+    # Reference: the entropy of the finite entries alone, differentiated by autograd in float64.
+    reference_grads = []
+    for row, keep in zip(logits, finite):
+        sub = row[keep].clone().requires_grad_(True)
+        (3.0 * _naive_entropy(sub)).backward()
+        full = torch.zeros_like(row)
+        full[keep] = sub.grad
+        reference_grads.append(full)
+    torch.testing.assert_close(a.grad.double(), torch.stack(reference_grads), rtol=1e-4, atol=1e-5)
+
+
 def test_entropy_empty_and_default_chunk():
     assert token_entropy(torch.zeros(0, 5)).shape == (0,)
     assert default_chunk_size(128256) == 256 * 2**20 // (4 * 128256)
