@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from megaseg.config._checks import check_choice, check_non_negative, check_positive, check_range
 from megaseg.config.training import OptimizerConfig
@@ -10,6 +11,8 @@ REWARD_GRANULARITIES = ("segment", "bandit", "token", "sentence", "ngram",
                         "bandit_as_segment", "segment_as_bandit")
 INTERPOLATIONS = ("even", "repeat", "none")
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+# How rollouts run the actor (megaseg.generation): megatron's static KV cache, or a full forward per step.
+GENERATION_BACKENDS = ("kv_cache", "full_forward")
 
 
 @dataclass(frozen=True)
@@ -37,14 +40,33 @@ class PPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    generation_backend: str = "kv_cache"
     actor_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=5e-7))
     critic_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=9e-6))
     sample_every: int = 10
+    # Rollouts whose generated text and per-segment rewards go to <out>/samples.jsonl every sample_every steps.
+    num_logged_samples: int = 2
+    # Stop after this many PPO steps (None: `episodes` passes over the prompts).
+    max_steps: Optional[int] = None
+    # Sequences per forward pass of generation and of the experience forwards (actor, reference, critic, RM),
+    # per data-parallel rank; inference only, so it can be larger than micro_batch_size.
+    micro_rollout_batch_size: int = 16
+    # Whiten advantages with mean/std over the whole rollout batch (all data-parallel ranks).
+    whiten_advantages: bool = True
+    # Train only the top N transformer layers (+ final norm and head / output layer); None: all. For small machines.
+    actor_train_top_layers: Optional[int] = None
+    critic_train_top_layers: Optional[int] = None
+    # Held-out evaluation every N PPO steps (0: never): responses to data.eval_prompt_path scored by the reward
+    # model (mean segment reward e(x, y), raw) and their KL to the reference; greedy unless eval_greedy=false.
+    eval_every: int = 0
+    eval_max_prompts: Optional[int] = None
+    eval_greedy: bool = True
 
     def __post_init__(self) -> None:
         check_choice("ppo.reward_granularity", self.reward_granularity, REWARD_GRANULARITIES)
         check_choice("ppo.interpolation", self.interpolation, INTERPOLATIONS)
         check_choice("ppo.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        check_choice("ppo.generation_backend", self.generation_backend, GENERATION_BACKENDS)
         check_positive("ppo.reward_clip", self.reward_clip)
         check_non_negative("ppo.kl_coef", self.kl_coef)
         check_range("ppo.gamma", self.gamma, 0.0, 1.0)
@@ -58,6 +80,21 @@ class PPOConfig:
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"ppo.top_p={self.top_p!r} must lie in (0, 1]")
         check_non_negative("ppo.top_k", self.top_k)
+        check_positive("ppo.sample_every", self.sample_every)
+        check_non_negative("ppo.num_logged_samples", self.num_logged_samples)
+        check_positive("ppo.max_steps", self.max_steps, allow_none=True)
+        check_positive("ppo.micro_rollout_batch_size", self.micro_rollout_batch_size)
+        check_positive("ppo.actor_train_top_layers", self.actor_train_top_layers, allow_none=True)
+        check_positive("ppo.critic_train_top_layers", self.critic_train_top_layers, allow_none=True)
+        check_non_negative("ppo.eval_every", self.eval_every)
+        check_positive("ppo.eval_max_prompts", self.eval_max_prompts, allow_none=True)
+        if self.rollout_batch_size % self.train_batch_size:
+            raise ValueError(f"ppo.rollout_batch_size={self.rollout_batch_size} must be a multiple of "
+                             f"ppo.train_batch_size={self.train_batch_size} (each rollout is cut into whole train "
+                             "batches)")
+        if self.train_batch_size % self.micro_batch_size:
+            raise ValueError(f"ppo.train_batch_size={self.train_batch_size} must be a multiple of "
+                             f"ppo.micro_batch_size={self.micro_batch_size}")
 
 
 @dataclass(frozen=True)
