@@ -203,10 +203,12 @@ def hf_config_from_model_config(model_cfg: ModelConfig, base: Optional[Mapping[s
         rope_theta=model_cfg.rotary_base, rope_scaling=scaling or None,
         initializer_range=model_cfg.init_method_std,
     )
-    if arch.model_type != "phi3":  # Phi3Config derives head_dim itself and rejects the key
+    default_head_dim = model_cfg.hidden_size // model_cfg.num_attention_heads
+    if head_dim != default_head_dim or "head_dim" in settings:
+        if arch.model_type == "phi3":  # Phi3Config derives head_dim itself
+            raise ValueError(f"Phi-3 requires kv_channels == hidden_size / num_attention_heads = {default_head_dim}, "
+                             f"got {head_dim}")
         settings["head_dim"] = head_dim
-    elif head_dim != model_cfg.hidden_size // model_cfg.num_attention_heads:
-        raise ValueError(f"Phi-3 requires kv_channels == hidden_size / num_attention_heads, got {head_dim}")
     if model_cfg.eos_token_ids:
         eos = model_cfg.eos_token_ids
         settings["eos_token_id"] = eos[0] if len(eos) == 1 else list(eos)
@@ -214,4 +216,4 @@ def hf_config_from_model_config(model_cfg: ModelConfig, base: Optional[Mapping[s
         settings["num_labels"] = 1
     hf = AutoConfig.for_model(arch.model_type, **settings)
     hf.architectures = [arch.token_classification_class if token_classification else arch.causal_lm_class]
-    return hf.to_dict()
+    return hf.to_diff_dict()

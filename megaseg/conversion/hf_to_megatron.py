@@ -114,7 +114,10 @@ def plan_hf_to_megatron(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: in
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} must be a positive integer")
     parallel_cfg = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    _check_layout(model_cfg, parallel_cfg)
+    try:
+        _check_layout(model_cfg, parallel_cfg)
+    except ValueError as error:
+        raise ValueError(f"{hf_dir} cannot be split with --tp {tp} --pp {pp}: {error}") from None
     return HFToMegatronPlan(hf_dir=hf_dir, out=out, arch=arch, model_cfg=model_cfg, parallel_cfg=parallel_cfg)
 
 
