@@ -7,6 +7,7 @@ rope layouts are understood: `rope_theta` + `rope_scaling` (transformers 4) and 
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
@@ -71,7 +72,8 @@ def resolve_architecture(hf_config: Mapping[str, Any]) -> HFArchitecture:
 def _hf_config_object(hf_config: Mapping[str, Any], arch: HFArchitecture) -> Any:
     from transformers import AutoConfig
 
-    settings = {k: v for k, v in hf_config.items() if k not in ("model_type", "quantization_config")}
+    # deepcopy: transformers standardises rope dicts in place, and the caller's dict must stay as it was.
+    settings = {k: copy.deepcopy(v) for k, v in hf_config.items() if k not in ("model_type", "quantization_config")}
     return AutoConfig.for_model(arch.model_type, **settings)
 
 
@@ -186,7 +188,7 @@ def hf_config_from_model_config(model_cfg: ModelConfig, base: Optional[Mapping[s
     arch = architecture_for_family(model_cfg.family)
     from transformers import AutoConfig
 
-    settings: Dict[str, Any] = {k: v for k, v in (base or {}).items()
+    settings: Dict[str, Any] = {k: copy.deepcopy(v) for k, v in (base or {}).items()
                                 if k not in ("model_type", "architectures", "quantization_config", "transformers_version",
                                              "torch_dtype", "rope_theta", "rope_scaling", "rope_parameters",
                                              "id2label", "label2id", "num_labels")}
