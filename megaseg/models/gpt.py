@@ -18,6 +18,7 @@ from megaseg.config.parallel import ParallelConfig
 from megaseg.models.backend import build_layer_spec, resolve_transformer_impl
 from megaseg.models.rotary import rotary_args
 from megaseg.models.transformer_config import build_transformer_config
+from megaseg.parallel.cpu_compat import cuda_device_redirect
 
 
 def check_parallel_state_matches(parallel_cfg: ParallelConfig) -> None:
@@ -61,18 +62,20 @@ def build_gpt_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, pre
     check_parallel_state_matches(parallel_cfg)
     pre_process, post_process = pipeline_stage_flags(pre_process, post_process)
     rope = rotary_args(model_cfg)
-    return GPTModel(
-        config=config,
-        transformer_layer_spec=build_layer_spec(model_cfg, resolve_transformer_impl(model_cfg)),
-        vocab_size=model_cfg.vocab_size,
-        max_sequence_length=model_cfg.max_position_embeddings,
-        pre_process=pre_process,
-        post_process=post_process,
-        parallel_output=True,
-        share_embeddings_and_output_weights=model_cfg.tie_word_embeddings,
-        position_embedding_type="rope",
-        rotary_base=rope.rotary_base,
-        rope_scaling=rope.rope_scaling,
-        rope_scaling_factor=rope.rope_scaling_factor,
-        seq_len_interpolation_factor=rope.seq_len_interpolation_factor,
-    )
+    # With tied embeddings and pipeline parallelism, GPTModel moves the last stage's copy to "cuda" to all-reduce it.
+    with cuda_device_redirect():
+        return GPTModel(
+            config=config,
+            transformer_layer_spec=build_layer_spec(model_cfg, resolve_transformer_impl(model_cfg)),
+            vocab_size=model_cfg.vocab_size,
+            max_sequence_length=model_cfg.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=model_cfg.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=rope.rotary_base,
+            rope_scaling=rope.rope_scaling,
+            rope_scaling_factor=rope.rope_scaling_factor,
+            seq_len_interpolation_factor=rope.seq_len_interpolation_factor,
+        )

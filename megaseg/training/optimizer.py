@@ -137,7 +137,8 @@ def clip_grad_norm(optimizer, max_norm: float) -> float:
         if coefficient < 1.0:
             for inner in _inner_optimizers(optimizer):
                 grads = [param.grad for param in inner.get_parameters() if param.grad is not None]
-                torch._foreach_mul_(grads, coefficient)
+                if grads:  # a pipeline stage whose layers are all frozen has none
+                    torch._foreach_mul_(grads, coefficient)
     return norm
 
 
