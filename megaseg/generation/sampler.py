@@ -12,8 +12,9 @@ Backends (``ppo.generation_backend``):
   of the benchmark and a fallback for a megatron-core release whose cache API changed.
 
 Every rank of a model-parallel group must call ``generate`` with the same prompts and settings (data-parallel
-ranks pass their own prompts). Tokens are drawn with ``generator`` on the sampling rank only (tensor-parallel rank 0
-of the last pipeline stage), so its state advances there alone; seed it per data-parallel rank.
+ranks pass their own prompts). Every rank passes a seeded ``generator`` when sampling, but only the sampling rank
+(tensor-parallel rank 0 of the last pipeline stage) draws from it, so its state advances there alone; seed it per
+data-parallel rank so that replicas do not share their random draws.
 """
 from __future__ import annotations
 
@@ -61,9 +62,24 @@ def _check_against_model(model: torch.nn.Module, buffer: TokenBuffer, settings: 
             "ppo.max_prompt_length")
 
 
-def _check_call(backend: str, parallel: ParallelContext, generator: Optional[torch.Generator]) -> None:
+def _check_call(model: torch.nn.Module, settings: SamplingSettings, backend: str, parallel: ParallelContext,
+                generator: Optional[torch.Generator]) -> None:
+    """Refuse what cannot work before the first collective, identically on every rank (so none is left waiting)."""
     if backend not in GENERATION_BACKENDS:
         raise ValueError(f"generation backend {backend!r} is not one of {list(GENERATION_BACKENDS)}")
+    if isinstance(model, (list, tuple)):
+        raise ValueError("generate takes one model chunk per rank; virtual (interleaved) pipeline stages are not "
+                         "supported: build the actor without virtual_pipeline_model_parallel_size")
+    config = get_attr_wrapped_model(model, "config")
+    if config.sequence_parallel or parallel.cp_size > 1:
+        # A decode step feeds one column, which cannot be split over tensor- or context-parallel ranks.
+        raise ValueError(
+            f"generation needs parallel.sequence_parallel=false and parallel.context_parallel_size=1 (got "
+            f"{config.sequence_parallel} and {parallel.cp_size}): a decode step feeds one token per row, which "
+            "cannot be split along the sequence")
+    if not settings.is_greedy and generator is None:
+        raise ValueError("sampling needs a seeded torch.Generator; pass generator=torch.Generator(device)"
+                         ".manual_seed(seed) on every rank (or greedy=True for argmax decoding)")
     if generator is not None and generator.device.type != parallel.device.type:
         raise ValueError(f"the sampling generator lives on {generator.device} but the model on {parallel.device}; "
                          f"create it with torch.Generator(device={str(parallel.device)!r})")
@@ -87,10 +103,7 @@ def generate(model: torch.nn.Module, prompts: PromptBatch, settings: SamplingSet
     Returns:
         ``GenerationOutput`` with the same rows on every model-parallel rank.
     """
-    _check_call(backend, parallel, generator)
-    if not settings.is_greedy and generator is None and parallel.is_last_pipeline_stage and parallel.tp_rank == 0:
-        raise ValueError("sampling needs a seeded torch.Generator; pass generator=torch.Generator(device)"
-                         ".manual_seed(seed) (or greedy=True for argmax decoding)")
+    _check_call(model, settings, backend, parallel, generator)
     prompts = prompts.to(parallel.device)
     buffer = TokenBuffer.from_prompts(prompts, settings.max_new_tokens, settings.stop_token_ids, pad_token_id)
     _check_against_model(model, buffer, settings, pad_token_id)

@@ -71,6 +71,27 @@ def _pick_stop_tokens(responses: list[list[int]]) -> tuple[int, ...]:
     return (responses[0][3], responses[1][5])
 
 
+def _refusals(model, ctx, prompts) -> dict:
+    """The ValueError message of each call the sampler must refuse before running the model."""
+    from megaseg.generation import SamplingSettings
+
+    calls = {
+        "backend": lambda: _run(model, ctx, prompts, _greedy(), backend="beam_search"),
+        "no_generator": lambda: _run(model, ctx, prompts, _sampling()),
+        "stop_outside_vocab": lambda: _run(model, ctx, prompts, _greedy(stop=(500,))),
+        "too_long": lambda: _run(model, ctx, prompts, SamplingSettings(max_new_tokens=2100, stop_token_ids=(1,),
+                                                                       greedy=True)),
+    }
+    messages = {}
+    for name, call in calls.items():
+        try:
+            call()
+            messages[name] = None
+        except ValueError as error:
+            messages[name] = str(error)
+    return messages
+
+
 def single_process(rank: int, world_size: int) -> dict:
     """TP=1, PP=1: the KV-cache sampler against the per-row full-forward reference, and its other properties."""
     from gen_reference import greedy_reference
@@ -99,6 +120,7 @@ def single_process(rank: int, world_size: int) -> dict:
     model.train()
     _run(model, ctx, prompts, _greedy())
     result["training_after_generate"] = model.training
+    result["errors"] = _refusals(model, ctx, prompts)
     result["state_dict"] = {key: value for key, value in model.state_dict().items() if torch.is_tensor(value)}
     return result
 

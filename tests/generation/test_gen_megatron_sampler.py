@@ -81,3 +81,11 @@ def test_top_k_1_equals_greedy(run):
 
 def test_model_mode_is_restored(run):
     assert run["training_after_generate"] is True
+
+
+def test_impossible_calls_are_refused_with_the_fix(run):
+    errors = run["errors"]
+    assert "'beam_search' is not one of ['kv_cache', 'full_forward']" in errors["backend"]
+    assert "torch.Generator" in errors["no_generator"]
+    assert "[500]" in errors["stop_outside_vocab"] and "model.vocab_size" in errors["stop_outside_vocab"]
+    assert "max_new_tokens=2100" in errors["too_long"] and "max_position_embeddings=2048" in errors["too_long"]
