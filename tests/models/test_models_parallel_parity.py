@@ -100,6 +100,11 @@ def _dense_checks(rm, lm, plain) -> dict:
     input_ids, ends = _global_batch()
     with torch.no_grad():
         logits = lm(input_ids, _positions(2 * NUM_PAIRS), None)  # [batch, seq, vocab] at TP=1
+        # The reward model's backbone is GPTModel's minus the output layer: with the LM's weights and one row of the
+        # (tied) unembedding as its head, its values are that token's logits.
+        backbone = {key: value for key, value in lm.state_dict().items() if key in plain.state_dict()}
+        plain.load_state_dict({**backbone, "head.weight": lm.embedding.word_embeddings.weight[5:6]})
+        head_as_token_5 = plain(input_ids, _positions(2 * NUM_PAIRS), None)
     plain.load_state_dict(rm.state_dict())
     scores = mean_segment_reward(plain(input_ids, _positions(2 * NUM_PAIRS), None), ends)
     loss = bradley_terry_loss(scores[:NUM_PAIRS], scores[NUM_PAIRS:])
@@ -111,6 +116,8 @@ def _dense_checks(rm, lm, plain) -> dict:
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
     torch.optim.AdamW(groups, lr=OPTIMIZER["lr"], betas=(0.9, 0.95), eps=1e-8).step()
     return {
+        "token_5_logits": logits[..., 5],
+        "head_as_token_5": head_as_token_5,
         "entropy": token_entropy(logits),
         "log_probs": token_log_probs(logits[:, :-1], input_ids[:, 1:]),
         "loss": float(loss),
@@ -205,6 +212,11 @@ def test_single_process_matches_dense_torch(reference):
     for name, value in dense["params_after_step"].items():
         torch.testing.assert_close(after[name], value, **TOLERANCE, msg=name)
         assert not torch.equal(after[name], reference["rm_init"][name]), f"{name} did not move"
+
+
+def test_reward_backbone_is_the_language_models(reference):
+    dense = reference["dense"]
+    torch.testing.assert_close(dense["head_as_token_5"], dense["token_5_logits"], rtol=1e-6, atol=1e-6)
 
 
 def test_tensor_parallel_init_is_the_dense_init(reference, layouts):
