@@ -8,8 +8,8 @@ Models:
 - ``smollm2``: SmolLM2-135M-Instruct with its real weights (the packaged GGUF, converted GGUF -> HF -> megatron
   into ``--cache-dir`` on first use), MT-Bench first turns rendered with its chat template, its stop tokens.
 
-Method: one process (TP=1, PP=1, ``--threads`` intra-op threads), greedy decoding so both backends generate exactly the same
-tokens (checked: ``same_tokens``), one untimed warm-up call per backend, then ``--repeats`` timed calls; the
+Method: one process (TP=1, PP=1, ``--threads`` intra-op threads), greedy decoding so both backends generate exactly
+the same tokens (checked: ``same_tokens``), one untimed warm-up call per backend, then ``--repeats`` timed calls; the
 median wall time counts. tokens/s = generated response tokens (stop tokens included) / median seconds. A last KV-cache
 run samples with the paper's rollout settings (temperature 1, top-p 1). The CPU is shared with other work: compare
 backends within one run, not across runs. The last line of output is one JSON object.
@@ -125,7 +125,8 @@ def main() -> None:
     (results,) = run_distributed(_measure, 1, setup, args.max_new_tokens, args.repeats, timeout=3600.0,
                                  threads_per_rank=args.threads)
     summary = {"model": args.model, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-               "repeats": args.repeats, "threads": args.threads, "prompt_tokens_min_max": [min(prompt_lengths), max(prompt_lengths)],
+               "repeats": args.repeats, "threads": args.threads,
+               "prompt_tokens_min_max": [min(prompt_lengths), max(prompt_lengths)],
                **{key: results[key] for key in ("kv_cache", "full_forward", "kv_cache_sampling", "same_tokens")},
                "kv_cache_speedup": round(results["full_forward"]["seconds"] / results["kv_cache"]["seconds"], 2)}
     if setup[5] is not None:

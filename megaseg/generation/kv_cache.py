@@ -1,7 +1,7 @@
 """megatron-core's static KV cache, behind the few calls the sampler makes, with the API differences guarded.
 
 megatron-core keeps the cache inside the model's attention layers: every layer stores its keys/values in the
-context object passed to ``GPTModel.forward`` (``inference_context=`` since 0.13, ``inference_params=`` before),
+context object passed to ``GPTModel.forward`` (``inference_context=``; older releases call it ``inference_params=``),
 at columns ``[sequence_len_offset, sequence_len_offset + n)``, and attends over columns ``[0, offset + n)``. One
 context per pipeline stage: it only holds that stage's layers.
 

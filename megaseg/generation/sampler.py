@@ -7,7 +7,8 @@ row has produced a stop token or ``max_new_tokens`` tokens.
 
 Backends (``ppo.generation_backend``):
 - ``kv_cache``: megatron-core's static KV cache. The first forward runs the columns every prompt has (the prefill);
-  each later step feeds one column and attends over the cached keys/values.
+  each later step feeds one column and attends over the cached keys/values. Longer prompts are fed their remaining
+  tokens one step at a time (see ``token_buffer``), so batches of prompts of similar length decode in fewer steps.
 - ``full_forward``: no cache; every step runs the whole sequence so far. O(steps x length) work: the slow baseline
   of the benchmark and a fallback for a megatron-core release whose cache API changed.
 
@@ -51,8 +52,8 @@ def _check_against_model(model: torch.nn.Module, buffer: TokenBuffer, settings: 
     vocab_size = get_attr_wrapped_model(model, "vocab_size")
     bad_ids = [i for i in (*settings.stop_token_ids, pad_token_id) if not 0 <= i < vocab_size]
     if bad_ids:
-        raise ValueError(f"token ids {bad_ids} (stop tokens / pad) lie outside the model's vocabulary [0, {vocab_size});"
-                         " check model.eos_token_ids and the tokenizer against model.vocab_size")
+        raise ValueError(f"token ids {bad_ids} (stop tokens / pad) lie outside the model's vocabulary "
+                         f"[0, {vocab_size}); check model.eos_token_ids and the tokenizer against model.vocab_size")
     max_length = get_attr_wrapped_model(model, "max_sequence_length")
     longest_prompt = int(buffer.prompt_lengths.max())
     if buffer.width > max_length:

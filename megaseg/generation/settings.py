@@ -37,7 +37,8 @@ class SamplingSettings:
         if not stop_ids:
             raise ValueError(
                 "stop_token_ids=() is empty: every response would run to max_new_tokens and none would end with a "
-                "stop token; pass the model's stop tokens (model.eos_token_ids, or ChatTemplateRenderer.stop_token_ids)")
+                "stop token; pass the model's stop tokens (model.eos_token_ids, or "
+                "ChatTemplateRenderer.stop_token_ids)")
         if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in stop_ids):
             raise ValueError(f"stop_token_ids={stop_ids!r} must be non-negative integer token ids")
         object.__setattr__(self, "stop_token_ids", stop_ids)
