@@ -1,6 +1,9 @@
 """Entropy segmentation through the cache equals the dense single-process computation (the model's full logits,
 plain-torch entropy, the per-sequence loop), and gives the same result data-parallel (DP=2), tensor-parallel (TP=2,
-vocab-parallel entropies) and pipeline-parallel (PP=2) as on one process."""
+vocab-parallel entropies) and pipeline-parallel (PP=2) as on one process.
+
+The SFT model is a tiny random model saved once as a megatron checkpoint (model.checkpoint), which every run loads
+at its own layout (a random init differs per pipeline stage, a checkpoint does not)."""
 import numpy as np
 import pytest
 
@@ -31,7 +34,10 @@ def _segment(config, ctx, model, pairs):
     return ends, entropies
 
 
-def _reference_and_cache(rank, world_size, cache_dir):
+def _reference_and_cache(rank, world_size, cache_dir, checkpoint):
+    from pathlib import Path
+
+    from megaseg.conversion.megatron_checkpoint import save_model_checkpoint
     from megaseg.parallel import initialize_parallel
 
     pairs = random_pairs(NUM_PAIRS)
@@ -39,19 +45,20 @@ def _reference_and_cache(rank, world_size, cache_dir):
     config = tiny_config(cache_dir, shard_size=3, micro_batch_size=3)
     ctx = initialize_parallel(config.parallel, seed=11)
     model = _build_model(config)
+    save_model_checkpoint(model, Path(checkpoint))
     dense = [dense_entropies(model, s)[len(s.prompt_ids):].float().numpy() for s in sequences]
     content = np.concatenate([d[:len(d) - s.ends_with_eos] for d, s in zip(dense, sequences)])
     cutoff = gap_cutoff(content)
     reference = [reference_ends(s, "entropy", entropies=d, cutoff=cutoff) for s, d in zip(sequences, dense)]
-    config = tiny_config(cache_dir, shard_size=3, micro_batch_size=3, entropy_cutoff=cutoff)
-    ends, cached = _segment(config, ctx, model, pairs)
+    config = tiny_config(cache_dir, shard_size=3, micro_batch_size=3, entropy_cutoff=cutoff, checkpoint=checkpoint)
+    ends, cached = _segment(config, ctx, None, pairs)  # the SFT model is loaded from model.checkpoint
     return cutoff, dense, reference, ends, cached
 
 
 LAYOUTS = ((1, 1), (2, 1), (1, 2))  # (tp, pp) on 2 processes: DP=2, TP=2, PP=2
 
 
-def _all_layouts(rank, world_size, cache_root, cutoff):
+def _all_layouts(rank, world_size, cache_root, cutoff, checkpoint):
     """Every 2-process layout in one spawn (re-initialising in between saves two interpreter start-ups)."""
     import dataclasses
 
@@ -60,23 +67,25 @@ def _all_layouts(rank, world_size, cache_root, cutoff):
 
     results = {}
     for tp, pp in LAYOUTS:
-        config = tiny_config(f"{cache_root}/tp{tp}pp{pp}", shard_size=3, micro_batch_size=3, entropy_cutoff=cutoff)
+        config = tiny_config(f"{cache_root}/tp{tp}pp{pp}", shard_size=3, micro_batch_size=3, entropy_cutoff=cutoff,
+                             checkpoint=checkpoint)
         config = dataclasses.replace(config, parallel=ParallelConfig(tensor_model_parallel_size=tp,
                                                                      pipeline_model_parallel_size=pp))
         ctx = initialize_parallel(config.parallel, seed=11)
-        results[(tp, pp)] = _segment(config, ctx, _build_model(config), random_pairs(NUM_PAIRS))
+        results[(tp, pp)] = _segment(config, ctx, None, random_pairs(NUM_PAIRS))
         destroy_parallel()
     return results
 
 
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory):
-    (result,) = run_distributed(_reference_and_cache, 1, str(tmp_path_factory.mktemp("seg1")))
-    return result
+    root = tmp_path_factory.mktemp("seg1")
+    (result,) = run_distributed(_reference_and_cache, 1, str(root / "cache"), str(root / "sft"))
+    return (*result, str(root / "sft"))
 
 
 def test_cache_equals_dense_single_process_computation(single_process):
-    cutoff, dense, reference, ends, cached = single_process
+    cutoff, dense, reference, ends, cached, _ = single_process
     for expected, got in zip(dense, cached):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert ends == reference
@@ -85,8 +94,8 @@ def test_cache_equals_dense_single_process_computation(single_process):
 
 
 def test_dp2_tp2_pp2_equal_one_process(single_process, tmp_path):
-    cutoff, _, _, ends, cached = single_process
-    for rank_results in run_distributed(_all_layouts, 2, str(tmp_path), cutoff, timeout=400):
+    cutoff, _, _, ends, cached, checkpoint = single_process
+    for rank_results in run_distributed(_all_layouts, 2, str(tmp_path), cutoff, checkpoint, timeout=400):
         for (tp, pp), (layout_ends, layout_entropies) in rank_results.items():
             assert layout_ends == ends, f"tp={tp} pp={pp}"  # every rank gets every pair
             for expected, got in zip(cached, layout_entropies):
