@@ -119,13 +119,21 @@ def _inner_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
+def _grads_for_norm(inner) -> list[torch.Tensor]:
+    """Gradients that count towards the norm (no tensor-parallel duplicates, no shared copies)."""
+    # megatron-core renamed the method (0.16: get_main_grads_for_grad_norm; 0.19: get_grads_for_grad_norm).
+    if hasattr(inner, "get_grads_for_grad_norm"):
+        return inner.get_grads_for_grad_norm()
+    return inner.get_main_grads_for_grad_norm()
+
+
 @torch.no_grad()
 def clip_grad_norm(optimizer, max_norm: float) -> float:
     """The global gradient L2 norm (before clipping); scales all gradients so it is <= max_norm (0: no clipping)."""
     squares = []
     group = None
     for inner in _inner_optimizers(optimizer):
-        grads = inner.get_main_grads_for_grad_norm()
+        grads = _grads_for_norm(inner)
         squares += [grad.detach().float().pow(2).sum() for grad in grads]
         group = inner.get_grad_stats_parallel_group()
     total = torch.stack(squares).sum() if squares else torch.zeros(())

@@ -219,6 +219,7 @@ def test_reward_backbone_is_the_language_models(reference):
     torch.testing.assert_close(dense["head_as_token_5"], dense["token_5_logits"], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # the three two-rank layouts take ~30 s together on 2 idle cores
 def test_tensor_parallel_init_is_the_dense_init(reference, layouts):
     for result in layouts["tp2"]:
         assert result["rm_init"].keys() == reference["rm_init"].keys()
@@ -226,6 +227,7 @@ def test_tensor_parallel_init_is_the_dense_init(reference, layouts):
             assert torch.equal(result["rm_init"][name], value), name
 
 
+@pytest.mark.slow  # the three two-rank layouts take ~30 s together on 2 idle cores
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
 def test_reward_values_match_single_process(reference, layouts, layout):
     last = _last_stage(layouts[layout])
@@ -235,6 +237,7 @@ def test_reward_values_match_single_process(reference, layouts, layout):
         assert min(layouts[layout], key=lambda r: r["pp_rank"])["rm_values"] is None  # only the last stage gets them
 
 
+@pytest.mark.slow  # the three two-rank layouts take ~30 s together on 2 idle cores
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
 def test_lm_entropy_and_log_probs_match_single_process(reference, layouts, layout):
     entropy, log_probs = _last_stage(layouts[layout])["lm"]
@@ -242,6 +245,7 @@ def test_lm_entropy_and_log_probs_match_single_process(reference, layouts, layou
     torch.testing.assert_close(log_probs, reference["lm"][1], **TOLERANCE)
 
 
+@pytest.mark.slow  # the three two-rank layouts take ~30 s together on 2 idle cores
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
 def test_one_optimizer_step_matches_single_process(reference, layouts, layout):
     results = layouts[layout]
