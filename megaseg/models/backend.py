@@ -59,5 +59,5 @@ def build_layer_spec(model_cfg: ModelConfig, impl: TransformerImpl) -> ModuleSpe
     if impl == "transformer_engine":
         # TE fuses the pre-attention / pre-MLP norms into its LayerNormLinear modules; FP8 is set on the config.
         return get_gpt_layer_with_transformer_engine_spec()
-    # The local spec chooses torch.nn.RMSNorm over LayerNorm from this argument (the config alone is not enough).
+    # Told RMSNorm, the local spec uses torch's RMSNorm even where apex is installed (its FusedLayerNorm has none).
     return get_gpt_layer_local_spec(normalization=model_cfg.normalization)

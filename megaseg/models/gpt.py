@@ -4,7 +4,9 @@ Layouts: `GPTModel.forward(input_ids [batch, seq], position_ids [batch, seq], at
 megatron's [seq, batch, hidden] layout and returns logits [batch, seq, vocab / tp] on the last pipeline stage
 (vocab-parallel: each tensor-parallel rank holds its slice of the vocabulary; use megaseg.parallel.vocab_parallel
 for entropies and log-probs instead of gathering it), and hidden states [seq, batch, hidden] on the other stages.
-RoPE is applied by position in the sequence (0..seq-1), not by `position_ids`: pad on the right.
+RoPE is applied by position in the sequence (0..seq-1), not by `position_ids`, and `attention_mask` is honoured by the
+local layers only (TransformerEngine's attention applies its own causal mask and ignores it): pad on the right, where
+padding cannot reach the positions before it.
 """
 from __future__ import annotations
 

@@ -84,7 +84,8 @@ class ScalarHeadModel(MegatronModule):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids, position_ids [batch, seq]; attention_mask None (causal) or bool [batch, 1, seq, seq] with
-        True = masked out. Returns values [batch, seq] (last stage) or hidden states [seq, batch, hidden]."""
+        True = masked out (local layers only; see megaseg.models.gpt on padding). Returns values [batch, seq] (last
+        stage) or hidden states [seq, batch, hidden]."""
         # On later stages the decoder reads the tensor set by set_input_tensor and ignores this argument.
         hidden_states = self.embedding(input_ids=input_ids, position_ids=position_ids) if self.pre_process else None
         rotary_seq_len = self.rotary_pos_emb.get_rotary_seq_len(None, self.decoder, hidden_states, self.config, None)

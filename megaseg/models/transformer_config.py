@@ -111,7 +111,9 @@ def build_transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfi
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
-        masked_softmax_fusion=not on_cpu,
+        # The local spec's fused softmax needs megatron's compiled scaled_masked_softmax_cuda extension, which pip
+        # installs lack; TransformerEngine's attention does its own fusion.
+        masked_softmax_fusion=False,
         # torch.compile of the fused bias/activation costs ~16 s per process on CPU and the models have no biases.
         bias_activation_fusion=gated and not on_cpu,
         bias_dropout_fusion=not on_cpu,
