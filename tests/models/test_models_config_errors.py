@@ -112,3 +112,36 @@ def test_building_without_parallel_state_says_what_to_call():
         pytest.skip("another test left megatron's parallel state initialised in this process")
     with pytest.raises(ValueError, match=r"call megaseg.parallel.initialize_parallel"):
         build_reward_model(TINY, _parallel())
+
+
+@pytest.mark.parametrize("rope_scaling", [
+    None,
+    {"rope_type": "llama3", "factor": "8.0", "low_freq_factor": "1.0", "high_freq_factor": "4.0",
+     "original_max_position_embeddings": "8192"},
+    {"rope_type": "linear", "factor": "4.0"},
+])
+def test_rotary_angles_equal_transformers(rope_scaling):
+    """megatron's RotaryEmbedding built from rotary_args gives the angles HF's Llama computes (the reference)."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    model_cfg = dataclasses.replace(load_config(REPO / "model_configs" / "llama-3-8b-instruct.yaml").model,
+                                    rope_scaling=rope_scaling)
+    args = rotary_args(model_cfg)
+    rope = RotaryEmbedding(kv_channels=128, rotary_percent=1.0, rotary_base=args.rotary_base,
+                           rope_scaling=args.rope_scaling, rope_scaling_factor=args.rope_scaling_factor,
+                           seq_len_interpolation_factor=args.seq_len_interpolation_factor,
+                           use_cpu_initialization=True)
+    hf_scaling = None if rope_scaling is None else {key: (value if key == "rope_type" else float(value))
+                                                    for key, value in rope_scaling.items()}
+    hf_cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_theta=model_cfg.rotary_base,
+                         max_position_embeddings=model_cfg.max_position_embeddings, rope_scaling=hf_scaling)
+    if rope_scaling is None:
+        hf_inv_freq = 1.0 / (model_cfg.rotary_base ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128))
+    else:
+        hf_inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_scaling["rope_type"]](hf_cfg, "cpu")
+    positions = torch.arange(4096, dtype=torch.float32)
+    hf_angles = torch.outer(positions, hf_inv_freq.float())
+    megatron_angles = rope.get_freqs_non_repeated(4096)  # [seq, dim / 2]; forward() would move it to CUDA
+    torch.testing.assert_close(megatron_angles, hf_angles, rtol=1e-6, atol=1e-3)
