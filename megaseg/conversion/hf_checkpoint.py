@@ -136,8 +136,12 @@ class HFSafetensorsWriter:
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self._flush()
-        # contiguous clone: safetensors refuses views that share storage (e.g. tied or split tensors).
-        self._pending[name] = tensor.detach().contiguous().clone()
+        tensor = tensor.detach().contiguous()
+        if tensor.untyped_storage().nbytes() != size:
+            # a view into a bigger buffer (a split of fused q/k/v, a layer of a stacked tensor): safetensors refuses
+            # tensors that share storage, and the buffer must not stay alive through the pending shard.
+            tensor = tensor.clone()
+        self._pending[name] = tensor
         self._pending_bytes += size
 
     def _flush(self) -> None:

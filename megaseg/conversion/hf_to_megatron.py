@@ -58,9 +58,13 @@ class HFToMegatronPlan:
     parallel_cfg: ParallelConfig
 
 
-def _stored_params_dtype(reader: HFSafetensorsReader, declared: str) -> str:
+def _stored_params_dtype(reader: HFSafetensorsReader, declared: str, names: list[str]) -> str:
     """The dtype the weights are stored in, which the megatron model keeps so that nothing is rounded."""
     stored = reader.dtype(EMBEDDING[1])
+    others = sorted({reader.dtype(name) for name in names} - {stored})
+    if others:
+        logger.warning("%s: the weights mix dtypes (%s besides the embedding's %s); the megatron model holds "
+                       "everything as %s, so those tensors are cast", reader.model_dir, others, stored, stored)
     if stored not in SAFETENSORS_DTYPES:
         raise ValueError(f"{reader.model_dir}: {EMBEDDING[1]} is stored as {stored}; megaseg converts "
                          f"{sorted(SAFETENSORS_DTYPES)} weights")
@@ -100,9 +104,10 @@ def plan_hf_to_megatron(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: in
     model_cfg = model_config_from_hf(hf_config)
     generation = read_generation_config(hf_dir) or {}
     shape = ModelShape.from_model_config(model_cfg)
+    expected = hf_tensor_shapes(arch, shape)
     with HFSafetensorsReader(hf_dir) as reader:
-        check_tensor_shapes(reader, hf_tensor_shapes(arch, shape), _ignorable_names(reader, shape))
-        params_dtype = _stored_params_dtype(reader, model_cfg.params_dtype)
+        check_tensor_shapes(reader, expected, _ignorable_names(reader, shape))
+        params_dtype = _stored_params_dtype(reader, model_cfg.params_dtype, list(expected))
     has_tokenizer = any((hf_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
     if not has_tokenizer:
         logger.warning("%s has no tokenizer files; model.tokenizer stays unset in %s", hf_dir, out)

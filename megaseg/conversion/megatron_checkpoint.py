@@ -72,7 +72,8 @@ def fill_sharded_state_dict(sharded_state_dict: Mapping, source: GlobalTensorSou
     filled = 0
     with torch.no_grad():
         for sharded in _local_sharded_tensors(sharded_state_dict):
-            if sharded.flattened_range is not None:
+            # getattr: newer megatron-core releases drop flattened ShardedTensors (and the attribute) altogether.
+            if getattr(sharded, "flattened_range", None) is not None:
                 raise ValueError(f"{sharded.key} is flattened (distributed-optimizer layout); fill a model's "
                                  "sharded_state_dict(), not an optimizer's")
             layer, name = _layer_and_name(sharded)

@@ -1,6 +1,7 @@
 """GGUF -> HF on the real SmolLM2-135M-Instruct GGUF: every tensor equals what transformers' own GGUF loader
-(an independent dequantize + q/k un-permute) produces, the logits match, the model answers, the tokenizer and chat
-template survive, and ensure_smollm2_hf converts only once."""
+(an independent dequantize + q/k un-permute) produces, the logits match, the tokenizer and chat
+template survive, and ensure_smollm2_hf converts only once. (That the model still answers is checked by the slow
+megatron test, test_conversion_smollm2.py.)"""
 from __future__ import annotations
 
 import json
@@ -49,8 +50,6 @@ def test_weights_and_logits_equal_transformers_gguf_loading(smollm2_hf_dir):
     input_ids = _chat_ids(AutoTokenizer.from_pretrained(str(smollm2_hf_dir)))
     with torch.no_grad():
         assert torch.equal(converted(input_ids).logits, reference(input_ids).logits)
-        answer = converted.generate(input_ids, max_new_tokens=12, do_sample=False)[0, input_ids.shape[1]:]
-    assert "Paris" in AutoTokenizer.from_pretrained(str(smollm2_hf_dir)).decode(answer)
 
 
 def test_config_tokenizer_and_chat_template(smollm2_hf_dir):

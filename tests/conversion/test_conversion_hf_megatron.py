@@ -105,3 +105,13 @@ def test_cli_and_tools_script_run_the_same_conversion(converted_cases, tmp_path)
                             capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_same_weights(case.hf_dir, tmp_path / "via_tool")
+
+
+@pytest.mark.distributed
+def test_pp2_conversion_of_tied_embeddings_reads_back_bit_exact(converted_cases, tmp_path):
+    # Under pipeline parallelism the last stage holds a copy of the tied embedding as its output layer, saved
+    # under the embedding's key; the export must find one embedding and no lm_head.
+    case = converted_cases["llama_tied"]
+    pp2_dir = convert_hf_to_megatron(case.hf_dir, tmp_path / "pp2", pp=2)
+    assert find_model_config(pp2_dir)[0].tie_word_embeddings
+    _assert_same_weights(case.hf_dir, convert_megatron_to_hf(pp2_dir, tmp_path / "back"))

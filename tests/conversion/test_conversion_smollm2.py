@@ -1,5 +1,6 @@
 """The real SmolLM2-135M-Instruct, GGUF -> HF -> megatron: on chat-templated prompts the megatron model's logits
-equal transformers', and 32 greedy tokens (a plain argmax loop without KV cache, run on both) are identical."""
+equal transformers', 32 greedy tokens (a plain argmax loop without KV cache, run on both) are identical, and the
+answer to the first prompt is right."""
 from __future__ import annotations
 
 import pytest
@@ -46,6 +47,7 @@ def test_megatron_smollm2_matches_transformers(smollm2_hf_dir, tmp_path):
     try:
         megatron_model = build_gpt_model(model_cfg, ParallelConfig()).eval()
         load_model_checkpoint(megatron_model, ckpt)
+        answers = []
         with torch.no_grad():
             for messages in PROMPTS:
                 input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
@@ -56,5 +58,7 @@ def test_megatron_smollm2_matches_transformers(smollm2_hf_dir, tmp_path):
                 megatron_tokens = _greedy(megatron_next, input_ids, NUM_NEW_TOKENS)
                 assert megatron_tokens == _greedy(hf_next, input_ids, NUM_NEW_TOKENS), tokenizer.decode(
                     megatron_tokens)
+                answers.append(tokenizer.decode(megatron_tokens))
+        assert "Paris" in answers[0]  # the dequantized, un-permuted model still knows the answer
     finally:
         destroy_parallel()
