@@ -122,7 +122,8 @@ def _float32_value(value: float) -> float:
 def read_gguf_info(reader: Any) -> GGUFModelInfo:
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
-        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {list(SUPPORTED_GGUF_ARCHITECTURES)}")
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: "
+                         f"{list(SUPPORTED_GGUF_ARCHITECTURES)}")
     if f"{arch}.rope.scaling.type" in reader.fields or any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise ValueError("this GGUF uses rope scaling (rope.scaling.type / rope_freqs), which gguf-to-hf does not "
                          "convert; convert the original Hugging Face checkpoint instead")

@@ -181,6 +181,12 @@ def _numeric(value: Any) -> Any:
     return value
 
 
+# Recomputed from ModelConfig (or describing another head / another transformers) rather than copied from `base`.
+_FIELDS_NOT_TAKEN_FROM_BASE = ("model_type", "architectures", "quantization_config", "transformers_version",
+                               "torch_dtype", "rope_theta", "rope_scaling", "rope_parameters", "id2label", "label2id",
+                               "num_labels")
+
+
 def hf_config_from_model_config(model_cfg: ModelConfig, base: Optional[Mapping[str, Any]] = None,
                                 token_classification: bool = False) -> Dict[str, Any]:
     """A config.json dict for `model_cfg`; `base` (the source model's config.json, when known) supplies what
@@ -189,9 +195,7 @@ def hf_config_from_model_config(model_cfg: ModelConfig, base: Optional[Mapping[s
     from transformers import AutoConfig
 
     settings: Dict[str, Any] = {k: copy.deepcopy(v) for k, v in (base or {}).items()
-                                if k not in ("model_type", "architectures", "quantization_config", "transformers_version",
-                                             "torch_dtype", "rope_theta", "rope_scaling", "rope_parameters",
-                                             "id2label", "label2id", "num_labels")}
+                                if k not in _FIELDS_NOT_TAKEN_FROM_BASE}
     scaling = {k: _numeric(v) for k, v in (model_cfg.rope_scaling or {}).items()}
     head_dim = model_cfg.kv_channels or model_cfg.hidden_size // model_cfg.num_attention_heads
     settings.update(

@@ -11,8 +11,8 @@ layout), and the output is written into a staging directory renamed into place a
 
 Memory: the TP*PP ranks together hold the model once, in its stored dtype (each rank builds only its part). The HF
 safetensors are memory-mapped and read one tensor at a time; a rank additionally holds one decoder layer's tensors
-in megatron layout while it copies its slices out. Peak ~= model size + one layer per rank, e.g. ~141 GB + 8 x 1.7 GB
-for Llama-3-70B in bf16 at TP=8, never two copies of the model.
+(briefly twice while reordering them into megatron's layout) while it copies its slices out. Peak ~= model size +
+one or two layers per rank, e.g. ~141 GB + 8 x 1.7-3.4 GB for Llama-3-70B in bf16 at TP=8, never two copies.
 """
 from __future__ import annotations
 

@@ -128,4 +128,7 @@ def test_cli_reports_flag_mistakes_as_errors(tmp_path, capsys):
     assert "needs --hf" in capsys.readouterr().err
     assert main(["convert", "hf-to-gguf", "--out", str(tmp_path / "o")]) == 2
     assert "unknown conversion 'hf-to-gguf'" in capsys.readouterr().err
+    (tmp_path / "no_gguf").mkdir()
+    assert main(["convert", "gguf-to-hf", "--gguf", str(tmp_path / "no_gguf"), "--out", str(tmp_path / "o")]) == 2
+    assert "holding 0 .gguf files" in capsys.readouterr().err
     _assert_nothing_written(tmp_path / "o")
