@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from megaseg.config._checks import check_choice, check_positive
 
@@ -33,7 +33,7 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     rotary_base: float = 10000.0
     # HF-style rope_scaling dict (e.g. Llama-3.1: rope_type, factor, low_freq_factor, ...); None = no scaling.
-    rope_scaling: Optional[Dict[str, str]] = None
+    rope_scaling: Optional[Dict[str, Any]] = None
     normalization: str = "RMSNorm"
     norm_epsilon: float = 1e-5
     activation: str = "swiglu"

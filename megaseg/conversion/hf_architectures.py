@@ -170,7 +170,7 @@ def model_config_from_hf(hf_config_dict: Mapping[str, Any]) -> ModelConfig:
 
 
 def _numeric(value: Any) -> Any:
-    """ModelConfig.rope_scaling is typed Dict[str, str]: YAML round trips turn its numbers into strings."""
+    """A number written as a string in a hand-made YAML (e.g. factor: "8.0") is read as the number."""
     if not isinstance(value, str):
         return value
     for cast in (int, float):
