@@ -41,6 +41,8 @@ MARKER_FILE = "reward_model.json"
 NORMALIZER_FILE = "normalizer.json"
 FORMAT_NAME = "megaseg-reward-model"
 FORMAT_VERSION = 1
+# Parameters of the scalar head (megaseg.models.scalar_head), absent from an SFT language model checkpoint.
+HEAD_PREFIX = "head."
 
 
 def _rank() -> int:
@@ -165,3 +167,24 @@ def load_reward_model(rm_dir: str | os.PathLike, parallel_ctx) -> tuple[Any, Meg
     load_checkpoint(config.rm.checkpoint, model=model, model_cfg=config.model, load_rng=False)
     model.eval()
     return model, config
+
+
+def initialize_from_sft(model, sft_checkpoint: str | os.PathLike) -> None:
+    """Load the SFT language model's weights (a dist checkpoint as `megaseg convert hf-to-megatron` writes, at any
+    TP/PP) into this rank's reward model; the scalar head keeps its fresh initialisation and the SFT model's output
+    layer is not read. Collective. ValueError when the checkpoint lacks a backbone tensor or its shapes differ."""
+    from megatron.core import dist_checkpointing
+
+    from megaseg.training.checkpoint import check_tensor_shapes
+
+    ckpt_dir = Path(sft_checkpoint)
+    if not (ckpt_dir / "metadata.json").is_file():
+        raise ValueError(f"model.checkpoint={str(ckpt_dir)!r} is not a megatron dist checkpoint (no metadata.json); "
+                         "convert the SFT model first: `megaseg convert hf-to-megatron --hf DIR --out DIR`")
+    backbone = {key: value for key, value in model.sharded_state_dict().items() if not key.startswith(HEAD_PREFIX)}
+    check_tensor_shapes(ckpt_dir, backbone, dist_checkpointing.load_tensors_metadata(str(ckpt_dir)))
+    loaded = dist_checkpointing.load(backbone, str(ckpt_dir))
+    result = model.load_state_dict(loaded, strict=False)
+    missing = [key for key in result.missing_keys if not key.startswith(HEAD_PREFIX)
+               and not key.endswith("_extra_state")]
+    assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
