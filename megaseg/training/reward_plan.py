@@ -116,8 +116,9 @@ def check_reward_model(plan: RewardPlan, rm_config: MegasegConfig, rm_dir: str) 
     _, rm_mode = MODES[plan.granularity]
     trained = rm_config.segmentation
     if trained.mode != rm_mode:
-        hint = {"entropy": "ppo.reward_granularity=bandit_as_segment scores a bandit RM at segment ends",
-                "bandit": "ppo.reward_granularity=segment_as_bandit uses a segment RM's e(x, y) as a bandit reward"}
+        # The hybrid that fits the reward model at hand, keyed by the mode it was trained with.
+        hint = {"bandit": "ppo.reward_granularity=bandit_as_segment scores a bandit RM at segment ends",
+                "entropy": "ppo.reward_granularity=segment_as_bandit uses a segment RM's e(x, y) as a bandit reward"}
         raise ValueError(
             f"ppo.reward_granularity={plan.granularity!r} needs a reward model trained with segmentation.mode="
             f"{rm_mode!r}, but {rm_dir} was trained with {trained.mode!r}; train one with that mode (megaseg "
@@ -134,11 +135,11 @@ def check_reward_model(plan: RewardPlan, rm_config: MegasegConfig, rm_dir: str) 
             f"{rm_config.rm.aggregation!r}; drop the override (PPO uses the reward model's aggregation)")
 
 
-def normalizer_file(config: MegasegConfig, rm_dir: str) -> Path:
+def normalizer_file(config: MegasegConfig, rm_dir: str | Path) -> Path:
     """normalizer.path, else <rm dir>/normalizer.json (where `megaseg fit-normalizer` writes)."""
-    from megaseg.training.rm_checkpoint import normalizer_path
+    from megaseg.training.rm_checkpoint import NORMALIZER_FILE
 
-    return Path(config.normalizer.path) if config.normalizer.path is not None else normalizer_path(rm_dir)
+    return Path(config.normalizer.path) if config.normalizer.path is not None else Path(rm_dir) / NORMALIZER_FILE
 
 
 def fit_normalizer_command(plan: RewardPlan, rm_dir: str, rm_config: MegasegConfig, path: Path,
@@ -149,11 +150,11 @@ def fit_normalizer_command(plan: RewardPlan, rm_dir: str, rm_config: MegasegConf
     if plan.granularity == "bandit_as_segment":
         # A bandit RM calibrated where PPO will read it: at entropy segment ends.
         parts += ["segmentation.mode=entropy", f"segmentation.entropy_cutoff={plan.segmentation.entropy_cutoff:g}"]
-    if plan.granularity == "segment_as_bandit":
-        parts.append("ppo.reward_granularity=segment_as_bandit")
+    command = " ".join(parts)
     if path != default_path:
-        parts.append(f"normalizer.path={path}")
-    return " ".join(parts)
+        # fit-normalizer writes <rm dir>/normalizer.json; a run reading another file needs a copy there.
+        command += f" && cp {default_path} {path}"
+    return command
 
 
 def expected_metadata(plan: RewardPlan, rm_config: MegasegConfig) -> dict[str, Any]:
@@ -164,8 +165,10 @@ def expected_metadata(plan: RewardPlan, rm_config: MegasegConfig) -> dict[str, A
 
 
 def load_matching_normalizer(plan: RewardPlan, config: MegasegConfig, rm_config: MegasegConfig,
-                             rm_dir: str) -> Normalizer:
+                             rm_dir: str | Path) -> Normalizer:
     """The normalizer the run uses; ValueError with the fit-normalizer command when it is missing or mismatched.
+
+    ``rm_dir``: the reward-model directory itself (resolved), ``rm_config`` its training config.
 
     No silent (0, 1) fallback: kind ``none`` is the only way to run without statistics, and it is asked for by name.
     """
@@ -173,7 +176,7 @@ def load_matching_normalizer(plan: RewardPlan, config: MegasegConfig, rm_config:
         return IdentityNormalizer(model=rm_config.model.name, c_ent=None, aggregation=plan.aggregation,
                                   segmentation=plan.segmentation.mode)
     path = normalizer_file(config, rm_dir)
-    default_path = normalizer_file(MegasegConfig(), rm_dir)
+    default_path = normalizer_file(MegasegConfig(), rm_dir)  # where fit-normalizer writes
     command = fit_normalizer_command(plan, rm_dir, rm_config, path, default_path)
     if not path.is_file():
         raise ValueError(f"PPO needs the {plan.normalizer_kind} reward normalizer of {rm_dir}, but {path} does not "

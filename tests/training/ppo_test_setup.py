@@ -20,7 +20,7 @@ VOCAB = 128
 PAD_ID = 0
 EOS_ID = 1
 # Tokens a hand-written reward likes (the synthetic task).
-LIKED_TOKENS = tuple(range(10, 20))
+LIKED_TOKENS = tuple(range(10, 42))
 
 BASE_OVERRIDES = (
     "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",
