@@ -105,8 +105,15 @@ class DPOConfig:
     global_batch_size: int = 128
     micro_batch_size: int = 1
     epochs: int = 1
+    # Stop after this many optimizer steps (None: run the epochs).
+    max_steps: Optional[int] = None
+    # Loss / accuracy / implicit rewards on the held-out pairs (data.eval_path or data.eval_fraction) every N steps
+    # (0: only at the end, when there is an eval split).
+    eval_every: int = 0
 
     def __post_init__(self) -> None:
+        check_positive("dpo.max_steps", self.max_steps, allow_none=True)
+        check_non_negative("dpo.eval_every", self.eval_every)
         check_positive("dpo.beta", self.beta)
         check_range("dpo.label_smoothing", self.label_smoothing, 0.0, 0.5)
         check_positive("dpo.global_batch_size", self.global_batch_size)

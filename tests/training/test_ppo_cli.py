@@ -129,3 +129,35 @@ def test_train_ppo_end_to_end(tmp_path, tokenizer_dir):
     assert (checkpoints / "critic" / "latest").read_text().strip() == "step_000002"
     assert (checkpoints / "actor" / "step_000002").is_dir()
     assert (tmp_path / "run" / "tensorboard").is_dir()
+
+
+def _dpo_end_to_end(rank, world_size, work, tokenizer_dir):
+    work = Path(work)
+    from megaseg.config import load_config
+    from megaseg.conversion.megatron_checkpoint import save_model_checkpoint
+    from megaseg.models.gpt import build_gpt_model
+    from megaseg.parallel import destroy_parallel, initialize_parallel
+
+    config = load_config(None, _model_overrides(tokenizer_dir, str(work / "sft")))
+    initialize_parallel(config.parallel, seed=9)
+    save_model_checkpoint(build_gpt_model(config.model, config.parallel), work / "sft")
+    destroy_parallel()
+    args = ["train-dpo", *_model_overrides(tokenizer_dir, str(work / "sft")),
+            "data.train_path=shipped:hh_rlhf_harmless/pairs.jsonl", "data.max_samples=20", "data.eval_fraction=0.2",
+            "data.max_length=64", "data.max_prompt_length=40", "dpo.global_batch_size=4", "dpo.micro_batch_size=2",
+            "dpo.optimizer.lr=1e-3", "dpo.optimizer.warmup_ratio=0", f"logging.out_dir={work / 'dpo'}",
+            "logging.tensorboard=false", "checkpoint.save_every=2"]
+    first = _cli([*args, "dpo.max_steps=2"])
+    second = _cli([*args, "dpo.max_steps=3"])
+    return first, second
+
+
+def test_train_dpo_end_to_end(tmp_path, tokenizer_dir):
+    first, second = run_distributed(_dpo_end_to_end, 1, str(tmp_path), str(tokenizer_dir), timeout=900)[0]
+    assert first[0] == 0, first[1]
+    assert second[0] == 0 and "resumed at step 2" in second[1], second[1]
+    rows = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "train/loss" in row] == [1, 2, 3]
+    assert all(0.0 <= row["train/accuracy"] <= 1.0 for row in rows if "train/accuracy" in row)
+    assert sorted(row["step"] for row in rows if "eval/loss" in row) == [2, 3]
+    assert (tmp_path / "dpo" / "checkpoints" / "latest").read_text().strip() == "step_000003"

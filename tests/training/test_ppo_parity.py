@@ -156,3 +156,35 @@ def test_resume_continues_exactly(baseline):
     for key in ("log_probs", "values"):
         assert torch.equal(got["probe"][key], expected["probe"][key]), key
     assert got["kl_coef"] == pytest.approx(0.01)
+
+
+def _data_parallel_step(rank, world_size, out_dir, init_dir):
+    from megaseg.parallel import initialize_parallel
+    from megaseg.training.metrics import PhaseTimer
+    from megaseg.training.ppo_checkpoint import PPOState
+    from megaseg.training.ppo_trainer import ppo_step
+
+    config = _config(out_dir)
+    ctx = initialize_parallel(config.parallel, config.seed)
+    assert ctx.dp_size == 2
+    run = build_tiny_run(config, ctx, models=_models_from(config, init_dir))
+    result = ppo_step(run, PPOState(), PhaseTimer())
+    experience = result.experience
+    return dict(_record(result), probe=_probe(run), prompt_ids=result.prompt_ids,
+                actions=experience.action_mask)
+
+
+def test_data_parallel_ranks_share_statistics_and_weights(baseline, tmp_path):
+    _, init_dir, _ = baseline
+    ranks = run_distributed(_data_parallel_step, 2, str(tmp_path / "run"), init_dir, timeout=400)
+    # Each rank rolls out its own half of the prompts ...
+    assert not set(ranks[0]["prompt_ids"]) & set(ranks[1]["prompt_ids"])
+    assert len(ranks[0]["prompt_ids"]) == len(ranks[1]["prompt_ids"]) == 2
+    # ... whitens its advantages with the statistics of the whole rollout batch (both ranks) ...
+    pooled = torch.cat([rank["advantages"][rank["actions"]] for rank in ranks]).double()
+    assert float(pooled.mean()) == pytest.approx(0.0, abs=1e-5)
+    assert float(pooled.var(unbiased=False)) == pytest.approx(1.0, abs=1e-4)
+    # ... reports metrics over both, and the averaged gradients keep the replicas identical.
+    assert ranks[0]["metrics"]["rm_score"] == pytest.approx(ranks[1]["metrics"]["rm_score"])
+    for key in ("log_probs", "values"):
+        assert torch.equal(ranks[0]["probe"][key], ranks[1]["probe"][key]), key
