@@ -7,16 +7,14 @@ fraction of responses that ended with a stop token. Greedy decoding by default, 
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-import torch.distributed as dist
 
+from megaseg.algorithms.aggregation import aggregate_segment_rewards
 from megaseg.training.experience_forward import policy_log_probs_and_entropy
+from megaseg.training.ppo_metrics import dp_sum
 from megaseg.training.ppo_trainer import PPORun
 from megaseg.training.reward_shaping import cut_segments, normalize_rewards, score_segments
 from megaseg.training.rollout import generate_rollouts, rollout_generator
-from megaseg.algorithms.aggregation import aggregate_segment_rewards
 
 EVAL_STATS = ("num_responses", "rm_score_sum", "normalized_reward_sum", "kl_sum", "length_sum", "num_stopped")
 # Keeps evaluation sampling (eval_greedy=false) off the rollout generators' streams.
@@ -59,15 +57,9 @@ def evaluate_policy(run: PPORun, step: int) -> dict[str, float]:
     local = torch.tensor([float(rollout.batch_size), float(scores.double().sum()), float(normalized.double().sum()),
                           float(kl.double().sum()), float(actions.sum()), float(rollout.eos_mask.any(dim=1).sum())],
                          dtype=torch.float64)
-    total = _dp_sum(local, ctx)
+    total = dp_sum(local, ctx)
     s = dict(zip(EVAL_STATS, total.tolist()))
     n = max(s["num_responses"], 1.0)
     return {"rm_score": s["rm_score_sum"] / n, "normalized_reward_per_response": s["normalized_reward_sum"] / n,
             "kl": s["kl_sum"] / n, "response_length": s["length_sum"] / n, "stopped_fraction": s["num_stopped"] / n}
 
-
-def _dp_sum(local: torch.Tensor, ctx: Any) -> torch.Tensor:
-    total = local.to(ctx.device)
-    if ctx.dp_size > 1:
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.dp_group)
-    return total.cpu()

@@ -32,7 +32,8 @@ def rm_scores(experience: Experience, plan: RewardPlan) -> torch.Tensor:
     return aggregate_segment_rewards(experience.raw_rewards, experience.reward_ends, plan.aggregation)
 
 
-def _dp_sum(local: torch.Tensor, parallel_ctx: Any) -> torch.Tensor:
+def dp_sum(local: torch.Tensor, parallel_ctx: Any) -> torch.Tensor:
+    """``local`` summed over the data-parallel group (statistics of the whole rollout batch), back on the CPU."""
     total = local.to(parallel_ctx.device)  # NCCL reduces device tensors only
     if parallel_ctx.dp_size > 1:
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=parallel_ctx.dp_group)
@@ -146,4 +147,4 @@ def write_samples(out_dir: str | Path, records: list[dict]) -> Optional[Path]:
 
 def reduce_experience_statistics(experience: Experience, plan: RewardPlan, parallel_ctx: Any) -> torch.Tensor:
     """``experience_statistics`` summed over the data-parallel group (the whole rollout batch)."""
-    return _dp_sum(experience_statistics(experience, plan), parallel_ctx)
+    return dp_sum(experience_statistics(experience, plan), parallel_ctx)

@@ -135,7 +135,7 @@ def _assert_step_close(got: dict, expected: dict, what: str) -> None:
                                    msg=lambda m: f"{what} updated model {key}: {m}")
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("tp,pp", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)], ids=["tp2", "pp2"])
 def test_a_ppo_step_is_the_same_at_another_layout(baseline, tmp_path, tp, pp):
     _, init_dir, steps = baseline
     results = run_distributed(_one_step, tp * pp, str(tmp_path / "run"), init_dir, tp, pp, timeout=400)
@@ -174,6 +174,7 @@ def _data_parallel_step(rank, world_size, out_dir, init_dir):
                 actions=experience.action_mask)
 
 
+@pytest.mark.slow
 def test_data_parallel_ranks_share_statistics_and_weights(baseline, tmp_path):
     _, init_dir, _ = baseline
     ranks = run_distributed(_data_parallel_step, 2, str(tmp_path / "run"), init_dir, timeout=400)
