@@ -2,8 +2,11 @@
 
 The reward head runs at every position, producing ``values`` ``[batch, seq]``; the reward of segment a_t is the head
 output at its last token, i.e. ``values`` where ``ends`` is True. Entries elsewhere (prompt, padding, EOS outside a
-segment) are never read: they are masked with ``torch.where`` (not multiplied by 0), so garbage or NaN there cannot
-leak into the result or its gradient.
+segment) are never read: they are masked with ``zero_outside`` (``torch.where`` for tensors that need a gradient), not
+multiplied by 0, so garbage or NaN there cannot leak into the result or its gradient.
+
+A pipeline that already packed its segment rewards with a ``SegmentLayout`` aggregates them with
+``aggregate_packed_rewards`` instead of going back to the ``[batch, seq]`` layout.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from megaseg.algorithms.segments import num_segments, pack_segment_ends, segment_positions
+from megaseg.algorithms.masking import zero_outside
+from megaseg.algorithms.segments import SegmentLayout, num_segments, pack_segment_ends, segment_positions
 from megaseg.algorithms.validation import check_choice, check_ends, check_finite, check_shape
 
 
@@ -22,7 +26,7 @@ def _checked(values: torch.Tensor, ends: torch.Tensor, validate: bool) -> torch.
     check_ends(ends, None, validate)
     check_shape("values", values, ends.shape, "ends")
     check_finite("values at segment ends", values, where=ends, validate=validate)
-    return torch.where(ends, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return zero_outside(values, ends)
 
 
 def sum_segment_reward(values: torch.Tensor, ends: torch.Tensor, validate: bool = True) -> torch.Tensor:
@@ -46,7 +50,7 @@ def last_segment_reward(values: torch.Tensor, ends: torch.Tensor, validate: bool
     """``[batch]``: reward of the final segment (the bandit reward when ``ends`` is the bandit segmentation)."""
     masked = _checked(values, ends, validate)
     cols = torch.arange(ends.shape[1], device=ends.device)
-    last_col = torch.where(ends, cols, 0).amax(dim=1, keepdim=True)
+    last_col = (cols * ends.view(torch.uint8)).amax(dim=1, keepdim=True)
     return masked.gather(1, last_col).squeeze(1)
 
 
@@ -71,6 +75,40 @@ def aggregate_segment_rewards(
     """``[batch]`` sequence evaluation e(x, y) with the aggregation named ``how`` (a key of ``AGGREGATIONS``)."""
     check_choice("aggregation", how, AGGREGATIONS)
     return AGGREGATIONS[how](values, ends, validate=validate)
+
+
+def packed_segment_rewards(values: torch.Tensor, layout: SegmentLayout, validate: bool = True) -> torch.Tensor:
+    """Segment rewards r(s_t, a_t) packed by ``layout``: ``values`` at the end of segment t in column t, 0 beyond T.
+
+    Args:
+        values: ``[batch, seq]`` reward-head output at every position; only the segment ends are read.
+        layout: the ``SegmentLayout`` of the segmentation.
+        validate: check that the rewards are finite (one host sync; the packed tensor holds nothing else).
+    """
+    check_shape("values", values, layout.ends.shape, "ends")
+    packed = layout.pack(values)
+    check_finite("values at segment ends", packed, validate=validate)
+    return packed
+
+
+def aggregate_packed_rewards(rewards: torch.Tensor, num_segments: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """``[batch]`` e(x, y) from packed segment rewards, with the aggregation named ``how`` (as ``AGGREGATIONS``).
+
+    Args:
+        rewards: ``[batch, width]`` segment t of each row in column t and 0 in the columns t >= T
+            (``SegmentLayout.pack`` or ``padded_segment_rewards``).
+        num_segments: ``[batch]`` or ``[batch, 1]`` T >= 1 of each row (``SegmentLayout.num_segments``).
+    """
+    check_choice("aggregation", how, AGGREGATIONS)
+    total = num_segments.reshape(-1, 1)
+    if how == "sum":
+        return rewards.sum(dim=1)
+    if how == "mean":
+        return rewards.sum(dim=1) / total.squeeze(1).to(rewards.dtype)
+    if how == "last":
+        return rewards.gather(1, total - 1).squeeze(1)
+    cols = torch.arange(rewards.shape[1], device=rewards.device)
+    return rewards.masked_fill(cols >= total, float("inf")).amin(dim=1)
 
 
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:

@@ -7,13 +7,17 @@
 
 Tokens in no segment (prompt, padding, and EOS in entropy/token/sentence/n-gram mode) get 0; in PPO the EOS token then
 carries only the KL term.
+
+``token_rewards`` takes segment values at the end tokens of a ``[batch, seq]`` tensor; ``packed_token_rewards`` takes
+them packed by a ``SegmentLayout`` (segment t in column t), as a pipeline that normalized them there has them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from megaseg.algorithms.segments import broadcast_from_segment_end
+from megaseg.algorithms.masking import zero_outside
+from megaseg.algorithms.segments import SegmentLayout, divide_by_lengths
 from megaseg.algorithms.validation import check_choice, check_ends, check_finite, check_shape
 
 INTERPOLATION_MODES = ("even", "repeat", "none")
@@ -43,8 +47,22 @@ def token_rewards(
     check_ends(ends, response_mask, validate)
     check_finite("segment_values at segment ends", segment_values, where=ends, validate=validate)
     if mode == "none":
-        zero = torch.zeros((), dtype=segment_values.dtype, device=segment_values.device)
-        return torch.where(ends, segment_values, zero)
-    return broadcast_from_segment_end(
-        segment_values, ends, response_mask, validate=False, divide_by_length=(mode == "even")
-    )
+        return zero_outside(segment_values, ends)
+    layout = SegmentLayout.from_ends(ends, response_mask, validate=False)
+    return packed_token_rewards(layout.pack(segment_values), layout, mode)
+
+
+def packed_token_rewards(packed_values: torch.Tensor, layout: SegmentLayout, mode: str = "even") -> torch.Tensor:
+    """``[batch, seq]`` per-token rewards from packed segment rewards (``token_rewards`` after ``layout.pack``).
+
+    Args:
+        packed_values: ``[batch, seq]`` the reward of segment t of each row in column t, 0 beyond T.
+        layout: the ``SegmentLayout`` of the segmentation.
+        mode: one of ``INTERPOLATION_MODES``.
+    """
+    check_choice("interpolation mode", mode, INTERPOLATION_MODES)
+    if mode == "none":
+        return layout.unpack(packed_values)
+    if mode == "even":
+        packed_values = divide_by_lengths(packed_values, layout)
+    return layout.broadcast(packed_values)

@@ -8,6 +8,8 @@ All normalizers share one interface:
   and 0 elsewhere. Entries with ``positions <= 0`` are not segment rewards and come out as 0, so a raw head output at a
   non-end position can never leak into a sum downstream and p = 0 never reaches log(p). ``positions=None`` (scalar
   normalizers only) normalizes every entry, e.g. a ``[batch]`` tensor of sequence rewards;
+- ``normalizer.normalize_packed(rewards, num_segments)`` on packed segment rewards (``SegmentLayout.pack``: segment
+  t of a row in column t, p = (t + 1) / T), the same values without a per-entry position tensor;
 - ``to_dict()`` / ``from_dict()`` JSON-able, with the metadata that ties a normalizer to the reward model it was
   calibrated on (model, c_ent, aggregation, segmentation), so PPO can refuse a mismatched one
   (``check_compatible``). ``normalizer_from_dict`` dispatches on the ``"kind"`` field.
@@ -39,6 +41,8 @@ from megaseg.algorithms.location_fit import (
     log_location,
     r_squared,
 )
+from megaseg.algorithms.masking import zero_outside
+from megaseg.algorithms.segments import packed_positions, packed_segment_mask
 from megaseg.algorithms.validation import check_choice
 
 METADATA_KEYS = ("model", "c_ent", "aggregation", "segmentation", "num_samples")
@@ -133,7 +137,20 @@ class Normalizer:
         out = self._normalize(rewards, positions)
         if positions is None:
             return out
-        return torch.where(positions > 0, out, torch.zeros((), dtype=out.dtype, device=out.device))
+        return zero_outside(out, positions > 0)
+
+    def normalize_packed(self, rewards: torch.Tensor, num_segments: torch.Tensor) -> torch.Tensor:
+        """Normalized packed segment rewards, in at least fp32, 0 in the columns t >= T.
+
+        Args:
+            rewards: ``[batch, width]`` segment t of each row in column t, finite (0 in the columns t >= T, as
+                ``SegmentLayout.pack`` leaves them); its location is p = (t + 1) / T.
+            num_segments: ``[batch]`` or ``[batch, 1]`` T >= 1 of each row.
+
+        The values of ``self(rewards, positions)`` with the packed positions; subclasses skip building them.
+        """
+        rewards = rewards.to(torch.promote_types(rewards.dtype, torch.float32))
+        return self(rewards, packed_positions(num_segments, rewards.shape[1], rewards.dtype))
 
 
 class LocationNormalizer(Normalizer):
@@ -241,6 +258,24 @@ class LocationNormalizer(Normalizer):
         std = self.w_sigma * log_p + self.b_sigma
         return (rewards - mean) / std
 
+    def normalize_packed(self, rewards: torch.Tensor, num_segments: torch.Tensor) -> torch.Tensor:
+        """``Normalizer.normalize_packed`` with log p = log(t + 1) - log T: a log per column and one per row rather
+        than one per entry (the log is the costliest op here).
+
+        The clamp of p into [p_min, 1] is applied to log p (log is monotone). LOG_EPS, which ``__call__`` adds to p
+        before the log, is left out: it shifts log p by at most LOG_EPS / p_min (< 1e-6 for any p_min > 1e-4), below
+        the fp32 resolution of log p.
+        """
+        rewards = rewards.to(torch.promote_types(rewards.dtype, torch.float32))
+        dtype, width = rewards.dtype, rewards.shape[1]
+        log_rank = torch.arange(1, width + 1, device=rewards.device, dtype=dtype).log_()
+        log_total = num_segments.reshape(-1, 1).to(dtype).log()
+        log_p = (log_rank - log_total).clamp_(min=math.log(self.p_min + LOG_EPS), max=0.0)
+        centered = torch.add(rewards, log_p, alpha=-self.w_mu).sub_(self.b_mu)  # r - Mean(p)
+        std = log_p.mul_(self.w_sigma).add_(self.b_sigma)
+        # Columns t >= T hold 0 and a finite (clamped) location, so the masking multiply is exact.
+        return centered.div_(std).mul_(packed_segment_mask(num_segments, width, dtype))
+
 
 class ScalarNormalizer(Normalizer):
     """r <- (r - mean) / std with one (mean, std) pair; subclasses differ only in which rewards they fit on."""
@@ -277,6 +312,11 @@ class ScalarNormalizer(Normalizer):
 
     def _normalize(self, rewards: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         return (rewards - self.mean) / self.std
+
+    def normalize_packed(self, rewards: torch.Tensor, num_segments: torch.Tensor) -> torch.Tensor:
+        rewards = rewards.to(torch.promote_types(rewards.dtype, torch.float32))
+        mask = packed_segment_mask(num_segments, rewards.shape[1], rewards.dtype)
+        return ((rewards - self.mean) / self.std).mul_(mask)
 
 
 class GlobalNormalizer(ScalarNormalizer):
@@ -317,6 +357,10 @@ class IdentityNormalizer(Normalizer):
 
     def _normalize(self, rewards: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         return rewards
+
+    def normalize_packed(self, rewards: torch.Tensor, num_segments: torch.Tensor) -> torch.Tensor:
+        rewards = rewards.to(torch.promote_types(rewards.dtype, torch.float32))
+        return rewards * packed_segment_mask(num_segments, rewards.shape[1], rewards.dtype)
 
 
 NORMALIZERS: dict[str, type[Normalizer]] = {

@@ -14,6 +14,7 @@ import math
 import torch
 
 from megaseg.algorithms.advantages import gae  # noqa: F401  (re-exported: part of this module's public API)
+from megaseg.algorithms.masking import count_true, zero_outside, zero_outside_
 from megaseg.algorithms.validation import check_bool, check_choice, check_shape
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
@@ -46,19 +47,21 @@ def kl_penalized_rewards(
     kl_coef: float,
     kind: str = "k1",
 ) -> torch.Tensor:
-    """``[batch, seq]``: token_rewards - kl_coef * KL per token on ``mask``, 0 elsewhere (the rewards GAE consumes)."""
+    """``[batch, seq]``: token_rewards - kl_coef * KL per token on ``mask``, 0 elsewhere (the rewards GAE consumes).
+
+    Log-probs off the mask (prompt, padding) are never read.
+    """
     check_shape("token_rewards", token_rewards, mask.shape, "mask")
-    kl = kl_penalty(logp, ref_logp, kind)
-    zero = torch.zeros((), dtype=token_rewards.dtype, device=token_rewards.device)
-    return torch.where(mask, token_rewards - kl_coef * kl, zero)
+    rewards = kl_penalty(logp, ref_logp, kind).mul_(-kl_coef).add_(token_rewards)
+    return zero_outside(rewards, mask) if rewards.requires_grad else zero_outside_(rewards, mask)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Scalar token mean of ``values`` over the True entries of ``mask`` (same shape)."""
     check_bool("mask", mask)
     check_shape("values", values, mask.shape, "mask")
-    total = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
-    return total / mask.sum().clamp(min=1).to(total.dtype)
+    total = zero_outside(values, mask).sum()
+    return total / count_true(mask).clamp(min=1).to(total.dtype)
 
 
 def masked_moments(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -69,8 +72,8 @@ def masked_moments(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """
     check_bool("mask", mask)
     check_shape("values", values, mask.shape, "mask")
-    x = torch.where(mask, values.detach().double(), 0.0)
-    return torch.stack([x.sum(), x.square().sum(), mask.sum().double()])
+    x = zero_outside(values.detach(), mask).double().flatten()
+    return torch.stack([x.sum(), torch.dot(x, x), count_true(mask).double()])
 
 
 def moments_to_mean_var(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,11 +106,11 @@ def masked_whiten(
         check_bool("mask", mask)
         check_shape("values", values, mask.shape, "mask")
     mean, var = moments_to_mean_var(moments)
-    mean, var = mean.to(values.dtype), var.to(values.dtype)
-    whitened = (values - mean) * torch.rsqrt(var + eps)
+    # 0-dim fp64 statistics do not promote ``values``: the result keeps its dtype.
+    whitened = (values - mean).mul_(torch.rsqrt(var + eps))
     if not shift_mean:
-        whitened = whitened + mean
-    return torch.where(mask, whitened, torch.zeros((), dtype=whitened.dtype, device=whitened.device))
+        whitened.add_(mean)
+    return zero_outside(whitened, mask) if whitened.requires_grad else zero_outside_(whitened, mask)
 
 
 def policy_loss(

@@ -15,7 +15,8 @@ on the last token of each segment. Conventions (notes/method-conventions.md):
   A row with no response token at all is a ValueError.
 
 ``segment_ids``, ``segment_positions``, ``segment_lengths`` and friends (re-exported from ``segments.py``) turn ``ends``
-into per-token indices, locations p = (t + 1) / T and lengths.
+into per-token indices, locations p = (t + 1) / T and lengths; ``SegmentLayout`` computes those index products once for
+a pipeline that needs several of them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from collections.abc import Sequence
 
 import torch
 
+from megaseg.algorithms.masking import any_true
 from megaseg.algorithms.segments import (  # noqa: F401  (re-exported: part of this module's public API)
+    SegmentLayout,
     broadcast_from_segment_end,
     num_segments,
     pack_segment_ends,
@@ -62,9 +65,13 @@ def _content_ends(boundary: torch.Tensor, response_mask: torch.Tensor, eos_mask:
     ``boundary`` is the mode's per-token rule and may be True anywhere; only content positions are read.
     """
     content = response_mask & ~eos_mask
-    last_content = last_response_token(content)
-    eos_only = eos_mask & ~content.any(dim=1, keepdim=True)
-    return (content & boundary) | last_content | eos_only
+    no_content = ~any_true(content, dim=1, keepdim=True)  # [batch, 1]
+    # uint8 multiply for "and" with a per-row flag: a bool op with a broadcast operand is a scalar loop on CPU.
+    eos_only = (eos_mask.view(torch.uint8) * no_content.view(torch.uint8)).view(torch.bool)
+    ends = content & boundary
+    ends |= last_response_token(content)
+    ends |= eos_only
+    return ends
 
 
 def entropy_segment_ends(
@@ -112,7 +119,7 @@ def ngram_segment_ends(
     check_positive_int("n", n)
     content = response_mask & ~eos_mask
     # 1-based rank of each token among the content tokens of its row.
-    rank = content.long().cumsum(dim=1)
+    rank = content.view(torch.uint8).cumsum(dim=1, dtype=torch.int32)
     return _content_ends(rank % n == 0, response_mask, eos_mask)
 
 

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from megaseg.algorithms.masking import any_true, count_true, zero_outside
+
 # Report at most this many offending rows in a message: enough to debug, short enough to read.
 _MAX_REPORTED = 8
 
@@ -55,18 +57,21 @@ def check_bool(name: str, tensor: torch.Tensor) -> None:
 def check_finite(name: str, tensor: torch.Tensor, where: torch.Tensor | None = None, validate: bool = True) -> None:
     """No NaN/inf in ``tensor`` (only at the positions where ``where`` is True, if given).
 
-    Fast path: NaN and inf propagate through a sum (and through a multiply by 1), so a finite masked sum proves every
-    selected entry finite with one cheap pass. A non-finite sum (a bad entry, a harmless overflow, or NaN at an
-    unselected position, which the multiply by 0 keeps) pays for the exact per-entry check.
+    Fast path: NaN and inf propagate through a sum, so a finite sum proves every summed entry finite with one cheap
+    pass (one host sync). The whole tensor is summed first, as it is usually finite everywhere; if not, the unselected
+    entries are zeroed without being read (``zero_outside``) and summed again. A non-finite sum of the selection (a
+    bad entry, or a harmless overflow) pays for the exact per-entry check.
     """
     if not validate:
         return
-    selected = tensor if where is None else tensor * where
+    selected = tensor.detach()
     if bool(torch.isfinite(selected.sum())):
         return
     if where is not None:
-        tensor = torch.where(where, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
-    bad = ~torch.isfinite(tensor)
+        selected = zero_outside(selected, where)
+        if bool(torch.isfinite(selected.sum())):
+            return
+    bad = ~torch.isfinite(selected)
     if bool(bad.any()):
         detail = f" in rows {_rows(bad.flatten(1).any(dim=1))}" if bad.dim() >= 2 else ""
         raise ValueError(f"{name} contains NaN or inf{detail}")
@@ -82,22 +87,34 @@ def check_nonnegative_float(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
-def check_response_mask(response_mask: torch.Tensor, validate: bool = True) -> None:
-    """[batch, seq] bool; each row holds one contiguous, non-empty run of response tokens.
-
-    Contiguity is what lets the segment math use cumulative sums over the whole row: a prompt token between two response
-    tokens would otherwise be counted inside a segment. Both properties are one test: every row has exactly one
-    run start (one host sync; the diagnosis runs only on failure).
-    """
+def _check_response_mask_types(response_mask: torch.Tensor) -> None:
     check_bool("response_mask", response_mask)
     check_2d("response_mask", response_mask)
-    if not validate:
-        return
-    starts = response_mask.clone()
-    starts[:, 1:] &= ~response_mask[:, :-1]
-    num_runs = starts.sum(dim=1)
-    if not bool((num_runs != 1).any()):
-        return
+
+
+def _check_eos_mask_types(eos_mask: torch.Tensor, response_mask: torch.Tensor) -> None:
+    check_bool("eos_mask", eos_mask)
+    check_shape("eos_mask", eos_mask, response_mask.shape, "response_mask")
+
+
+def _run_counts(mask: torch.Tensor) -> torch.Tensor:
+    """``[batch]`` long: number of runs of True in each row (1 for a valid response mask).
+
+    Every run has two edges: a change between neighbours, or the row's first or last entry being True.
+    """
+    changes = count_true(mask[:, 1:] ^ mask[:, :-1], dim=1)
+    as_bytes = mask.view(torch.uint8)
+    return (changes + as_bytes[:, 0] + as_bytes[:, -1]) // 2
+
+
+def _misplaced_eos(eos_mask: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """``[batch, seq]`` bool: EOS marks that are not a response token followed by a non-response token (or the end)."""
+    misplaced = eos_mask & ~response_mask
+    misplaced[:, :-1] |= eos_mask[:, :-1] & response_mask[:, 1:]
+    return misplaced
+
+
+def _raise_response_mask_error(num_runs: torch.Tensor) -> None:
     empty = num_runs == 0
     if bool(empty.any()):
         raise ValueError(
@@ -110,19 +127,8 @@ def check_response_mask(response_mask: torch.Tensor, validate: bool = True) -> N
     )
 
 
-def check_eos_mask(eos_mask: torch.Tensor, response_mask: torch.Tensor, validate: bool = True) -> None:
-    """At most one EOS per row, and it is the row's last response token (one host sync when valid)."""
-    check_bool("eos_mask", eos_mask)
-    check_shape("eos_mask", eos_mask, response_mask.shape, "response_mask")
-    if not validate:
-        return
-    # EOS must be a response token followed by a non-response token (or the end of the row).
-    followed = torch.zeros_like(response_mask)
-    followed[:, :-1] = response_mask[:, 1:]
-    misplaced = eos_mask & (~response_mask | followed)
-    many = eos_mask.sum(dim=1) > 1
-    if not bool(misplaced.any() | many.any()):
-        return
+def _raise_eos_mask_error(eos_mask: torch.Tensor, misplaced: torch.Tensor) -> None:
+    many = count_true(eos_mask, dim=1) > 1
     if bool(many.any()):
         raise ValueError(f"eos_mask rows {_rows(many)} have more than one EOS; at most one per row is allowed")
     raise ValueError(
@@ -130,10 +136,61 @@ def check_eos_mask(eos_mask: torch.Tensor, response_mask: torch.Tensor, validate
     )
 
 
+def check_response_mask(response_mask: torch.Tensor, validate: bool = True) -> None:
+    """[batch, seq] bool; each row holds one contiguous, non-empty run of response tokens.
+
+    Contiguity is what lets the segment math use cumulative sums over the whole row: a prompt token between two response
+    tokens would otherwise be counted inside a segment. Both properties are one test: every row has exactly one
+    run start (one host sync; the diagnosis runs only on failure).
+    """
+    _check_response_mask_types(response_mask)
+    if not validate:
+        return
+    num_runs = _run_counts(response_mask)
+    if bool((num_runs != 1).any()):
+        _raise_response_mask_error(num_runs)
+
+
+def check_contiguous(name: str, mask: torch.Tensor, validate: bool = True) -> None:
+    """[batch, seq] bool with at most one run of True per row (an empty row is allowed; one host sync)."""
+    check_bool(name, mask)
+    check_2d(name, mask)
+    if not validate:
+        return
+    many = _run_counts(mask) > 1
+    if bool(many.any()):
+        raise ValueError(f"{name} rows {_rows(many)} hold more than one run of True; they must be contiguous")
+
+
+def check_eos_mask(eos_mask: torch.Tensor, response_mask: torch.Tensor, validate: bool = True) -> None:
+    """At most one EOS per row, and it is the row's last response token (one host sync when valid).
+
+    Given a contiguous response, "the last response token" is one position per row, so a correctly placed EOS is
+    also the only one.
+    """
+    _check_eos_mask_types(eos_mask, response_mask)
+    if not validate:
+        return
+    misplaced = _misplaced_eos(eos_mask, response_mask)
+    many = count_true(eos_mask, dim=1) > 1
+    if bool(any_true(misplaced) | many.any()):
+        _raise_eos_mask_error(eos_mask, misplaced)
+
+
 def check_masks(response_mask: torch.Tensor, eos_mask: torch.Tensor, validate: bool = True) -> None:
-    """Both segmentation masks at once (the common case)."""
-    check_response_mask(response_mask, validate)
-    check_eos_mask(eos_mask, response_mask, validate)
+    """Both segmentation masks at once (the common case), with one host sync when they are valid."""
+    _check_response_mask_types(response_mask)
+    _check_eos_mask_types(eos_mask, response_mask)
+    if not validate:
+        return
+    num_runs = _run_counts(response_mask)
+    misplaced = _misplaced_eos(eos_mask, response_mask)
+    # With exactly one run per row, an EOS on the last response token is the row's only EOS.
+    if not bool((num_runs != 1).any() | any_true(misplaced)):
+        return
+    if bool((num_runs != 1).any()):
+        _raise_response_mask_error(num_runs)
+    _raise_eos_mask_error(eos_mask, misplaced)
 
 
 def check_ends(ends: torch.Tensor, response_mask: torch.Tensor | None = None, validate: bool = True) -> None:
@@ -144,8 +201,8 @@ def check_ends(ends: torch.Tensor, response_mask: torch.Tensor | None = None, va
         check_shape("ends", ends, response_mask.shape, "response_mask")
     if not validate:
         return
-    none = ~ends.any(dim=1)
-    outside = (ends & ~response_mask).any(dim=1) if response_mask is not None else torch.zeros_like(none)
+    none = ~any_true(ends, dim=1)
+    outside = any_true(ends & ~response_mask, dim=1) if response_mask is not None else torch.zeros_like(none)
     if not bool((none | outside).any()):
         return
     if bool(outside.any()):
