@@ -8,6 +8,7 @@ built from a config by megaseg.training.ppo_setup, or directly by tests (tiny mo
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -63,10 +64,9 @@ class PPORun:
         return self.config.ppo.rollout_batch_size // self.parallel_ctx.dp_size
 
     def sampling_settings(self, greedy: bool = False) -> SamplingSettings:
+        """The rollout settings of ppo (temperature, top-p/k, max_new_tokens) with the model's stop tokens."""
         settings = SamplingSettings.from_ppo_config(self.config.ppo, self.stop_token_ids)
-        return SamplingSettings(max_new_tokens=settings.max_new_tokens, stop_token_ids=settings.stop_token_ids,
-                                temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                                greedy=greedy)
+        return dataclasses.replace(settings, greedy=greedy)
 
 
 def check_batch_layout(config: MegasegConfig, dp_size: int) -> None:

@@ -26,7 +26,9 @@ COMPARED_METRICS = ("rm_score", "kl", "response_length", "segments_per_response"
 def _config(out_dir: str, tp: int = 1, pp: int = 1):
     return tiny_config(f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}",
                        "ppo.reward_granularity=ngram", "segmentation.mode=ngram", "segmentation.ngram_size=2",
-                       "ppo.ppo_epochs=2", f"logging.out_dir={out_dir}", "checkpoint.save_every=1")
+                       "ppo.ppo_epochs=2", f"logging.out_dir={out_dir}", "checkpoint.save_every=1",
+                       # An adaptive coefficient that moves every step: resuming must bring its value back.
+                       "ppo.adaptive_kl=true", "ppo.kl_target=0.001", "ppo.kl_horizon=20")
 
 
 def _probe_batch():
@@ -47,7 +49,8 @@ def _probe(run) -> dict:
 
 
 def _record(result) -> dict:
-    return {"metrics": result.metrics, "input_ids": result.experience.sequences.input_ids,
+    return {"metrics": result.metrics, "kl_coef_after": result.state.kl_coef,
+            "input_ids": result.experience.sequences.input_ids,
             "advantages": result.experience.advantages, "token_rewards": result.experience.token_rewards}
 
 
@@ -113,7 +116,7 @@ def _resumed_step(rank, world_size, out_dir, init_dir):
     state = resume(run)
     assert state.step == 1
     result = ppo_step(run, state, PhaseTimer())
-    return dict(_record(result), probe=_probe(run), kl_coef=run.kl_controller.value)
+    return dict(_record(result), probe=_probe(run), kl_coef_restored=result.metrics["kl_coef"])
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +158,9 @@ def test_resume_continues_exactly(baseline):
     assert got["metrics"]["value_loss"] == expected["metrics"]["value_loss"]
     for key in ("log_probs", "values"):
         assert torch.equal(got["probe"][key], expected["probe"][key]), key
-    assert got["kl_coef"] == pytest.approx(0.01)
+    # The KL coefficient step 2 used is the one step 1 left behind (not the configured 0.01), and it moved on alike.
+    assert got["kl_coef_restored"] == steps[0]["kl_coef_after"] != 0.01
+    assert got["kl_coef_after"] == expected["kl_coef_after"]
 
 
 def _data_parallel_step(rank, world_size, out_dir, init_dir):
