@@ -41,7 +41,6 @@ from megaseg.data.segment_cache import (
     ShardedStore,
     data_fingerprint,
     key_digest,
-    segment_statistics,
 )
 from megaseg.data.segment_cutting import cut_sequences, response_token_texts
 from megaseg.training.metrics import format_duration
@@ -123,17 +122,38 @@ def load_sft_model(config: MegasegConfig) -> torch.nn.Module:
     if not path.is_dir():
         raise ValueError(f"model.checkpoint={checkpoint!r} is not a directory; give the SFT model's megatron "
                          "checkpoint directory")
-    model = build_gpt_model(config.model, config.parallel)
-    if (path / "state").is_dir():  # a megaseg training checkpoint step directory
+    if (path / "state").is_dir():  # a megaseg training checkpoint step directory (checks the architecture itself)
         from megaseg.training.checkpoint import load_checkpoint
 
+        model = build_gpt_model(config.model, config.parallel)
         load_checkpoint(path, model=model, model_cfg=config.model, load_rng=False)
-    else:  # a converted checkpoint (megaseg convert): the dist checkpoint itself
+    else:  # a converted checkpoint (megaseg convert): the dist checkpoint itself, its model YAML beside it
         from megaseg.conversion.megatron_checkpoint import load_model_checkpoint
 
+        _check_converted_architecture(path, config)
+        model = build_gpt_model(config.model, config.parallel)
         load_model_checkpoint(model, path)
     model.eval()
     return model
+
+
+def _check_converted_architecture(path: Path, config: MegasegConfig) -> None:
+    """ValueError naming the fields where the checkpoint's megaseg_model.yaml and model.* disagree."""
+    from megaseg.conversion.model_yaml import MODEL_YAML
+    from megaseg.models.architecture import architecture_differences, model_architecture
+
+    model_yaml = path / MODEL_YAML
+    if not model_yaml.is_file():
+        return  # written by hand or by a tool without the YAML: megatron still checks every tensor's shape
+    from megaseg.config import load_config
+
+    saved = model_architecture(load_config(model_yaml).model)
+    differences = architecture_differences(saved, config.model)
+    if differences:
+        listed = "; ".join(f"model.{name}: checkpoint {old!r}, config {new!r}"
+                           for name, (old, new) in differences.items())
+        raise ValueError(f"model.checkpoint={str(path)!r} holds another architecture than the config ({listed}); "
+                         f"use the model section of {model_yaml}")
 
 
 def _entropy_rows_fn(parallel_ctx: Any, chunk_size: Optional[int]):

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from megaseg.parallel.spawn import run_distributed
-from scoring_test_helpers import dense_entropies, gap_cutoff, random_pairs, reference_ends, sharpen, tiny_config
+from scoring_test_helpers import (
+    dense_entropies,
+    gap_cutoff,
+    random_pairs,
+    reference_ends,
+    release_checkpoint_writer,
+    sharpen,
+    tiny_config,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -46,6 +54,7 @@ def _reference_and_cache(rank, world_size, cache_dir, checkpoint):
     ctx = initialize_parallel(config.parallel, seed=11)
     model = _build_model(config)
     save_model_checkpoint(model, Path(checkpoint))
+    release_checkpoint_writer()
     dense = [dense_entropies(model, s)[len(s.prompt_ids):].float().numpy() for s in sequences]
     content = np.concatenate([d[:len(d) - s.ends_with_eos] for d, s in zip(dense, sequences)])
     cutoff = gap_cutoff(content)

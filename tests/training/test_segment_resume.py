@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 HERE = Path(__file__).resolve().parent
 NUM_PAIRS, SHARD_SIZE, CUTOFF = 12, 2, 2.95
