@@ -174,7 +174,10 @@ def _sharded_state(model: torch.nn.Module, optimizer: Any, *, is_loading: bool,
                    if not any(key.startswith(prefix) for prefix in missing_ok)}
     state: dict[str, Any] = {"model": model_state}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+        # The Adam state is keyed per layer: under layer-stacked keys a partly frozen model (rm.train_top_layers)
+        # would cover only some layers of a stacked tensor with optimizer state, which dist_checkpointing refuses.
+        per_layer = _unwrap(model).sharded_state_dict(metadata={"non_homogeneous_layers": True})
+        state["optimizer"] = optimizer.sharded_state_dict(per_layer, is_loading=is_loading)
     return state
 
 
