@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megaseg.config._checks import check_choice, check_positive
+from megaseg.config._checks import check_choice, check_non_negative, check_positive
 from megaseg.config.training import OptimizerConfig
 
 AGGREGATIONS = ("mean", "sum", "last", "min")
@@ -26,7 +26,11 @@ class RewardModelConfig:
     max_steps: Optional[int] = None
     # Train only the top N transformer layers and the head (None: all), for small machines.
     train_top_layers: Optional[int] = None
+    # Validate on the eval split every N optimizer steps (0: never during training).
     eval_every: int = 0
+    # Validate once more after the last step (its metrics go into reward_model.json); off when a separate
+    # evaluation follows anyway (the quickstart runs eval-rm's).
+    validate_at_end: bool = True
     # Sequences per forward pass when scoring (fit-normalizer, eval-rm): inference only, so larger than training's.
     scoring_micro_batch_size: int = 8
 
@@ -37,6 +41,7 @@ class RewardModelConfig:
         check_positive("rm.micro_batch_size", self.micro_batch_size)
         check_positive("rm.epochs", self.epochs)
         check_positive("rm.max_steps", self.max_steps, allow_none=True)
+        check_non_negative("rm.eval_every", self.eval_every)
         check_positive("rm.train_top_layers", self.train_top_layers, allow_none=True)
 
 

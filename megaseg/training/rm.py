@@ -106,7 +106,7 @@ def run_reward_model_training(config: MegasegConfig, parallel_ctx) -> RewardMode
         _log_start(logger, config, data, plan, progress, timer)
         trainer = _Trainer(config, parallel_ctx, plan, data, setup, sampler, logger, timer)
         final_train, progress = trainer.train(progress)
-        final_eval = trainer.validate_and_log(progress.step)
+        final_eval = trainer.validate_and_log(progress.step) if config.rm.validate_at_end else None
         rm_dir = save_reward_model(out_dir / REWARD_MODEL_DIR, model=setup.model, config=config, progress=progress,
                                    metrics=_summary_metrics(final_train, final_eval))
         logger.message(f"reward model written to {rm_dir}")
@@ -258,7 +258,9 @@ class _Trainer:
         if not self.data.eval:
             return None
         with self.timer.phase("validate"):
-            metrics = validate(self.setup.model, self.data.eval, micro_batch_size=self.config.rm.micro_batch_size,
+            # Inference only: as many sequences per forward as scoring uses (2 per pair).
+            pairs_per_forward = max(1, self.config.rm.scoring_micro_batch_size // 2)
+            metrics = validate(self.setup.model, self.data.eval, micro_batch_size=pairs_per_forward,
                                pad_id=self.data.pad_id, aggregation=self.config.rm.aggregation,
                                parallel_ctx=self.ctx)
         self.logger.log(step, metrics.as_scalars(), prefix="eval")
