@@ -5,11 +5,15 @@ memory of token_entropy with and without chunking.
 
 Pipeline (one PPO rollout batch, after the model forwards): entropy segmentation -> locations p -> mean segment reward
 (the RM's e(x, y), logged) -> location normalizer -> even interpolation -> clamp -> KL penalty -> GAE -> whitening.
+The vectorised side builds one ``SegmentLayout`` from the segment ends and keeps the segment rewards packed (segment t
+in column t) from the reward head output to the interpolation; inputs are validated once, where they enter.
 The loop reference runs the same steps one sequence at a time with the plain-Python functions of
 tests/algorithms/algo_reference.py; it is timed on ``--loop-rows`` evenly spaced rows and extrapolated linearly in the
 number of response tokens (its cost is a fixed amount of Python work per token; the final whitening is one more pass
 over the tokens), best of ``--loop-repeats`` runs. The vectorised time is the best of ``--repeats`` runs after a
-warm-up.
+warm-up. Both are noisy on a shared machine; the vectorised one also depends on the state of glibc's heap (a fresh
+process returns freed buffers to the kernel and faults them back in on the next call; a trainer that has freed large
+buffers keeps them), so compare figures from runs made back to back.
 
 Entropy memory: each measurement runs in a fresh subprocess that allocates bf16 logits [positions, vocab] in place
 (no fp32 temporary), reads its current RSS, calls token_entropy, then reads the peak RSS (getrusage ru_maxrss).

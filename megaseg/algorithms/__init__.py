@@ -3,21 +3,28 @@
 Imports torch (numpy/scikit-learn for the normalizer fit) only; never megatron, torch.distributed or config objects.
 Every function works on right-padded ``[batch, seq]`` tensors and is vectorised over tokens and segments.
 
-Modules: ``entropy``, ``segmentation`` (+ index helpers in ``segments``), ``aggregation``, ``normalizer``
-(+ regression in ``location_fit``), ``interpolation``, ``ppo`` (+ GAE in ``advantages``), ``dpo``, ``validation``.
+Modules: ``entropy``, ``segmentation`` (+ index helpers and ``SegmentLayout`` in ``segments``), ``aggregation``,
+``normalizer`` (+ regression in ``location_fit``), ``interpolation``, ``ppo`` (+ GAE in ``advantages``), ``dpo``,
+``validation``, ``masking`` (NaN-safe zeroing and mask reductions that stay fast on CPU).
+
+A pipeline that runs several phases on one segmentation builds a ``SegmentLayout`` once and keeps segment rewards
+packed (segment t in column t) from the reward head output to the interpolation: ``packed_segment_rewards`` ->
+``aggregate_packed_rewards`` / ``Normalizer.normalize_packed`` -> ``packed_token_rewards``.
 """
 
 from megaseg.algorithms.aggregation import (
     AGGREGATIONS,
+    aggregate_packed_rewards,
     aggregate_segment_rewards,
     bradley_terry_loss,
     mean_segment_reward,
+    packed_segment_rewards,
     padded_segment_positions,
     padded_segment_rewards,
 )
 from megaseg.algorithms.dpo import dpo_loss
 from megaseg.algorithms.entropy import token_entropy, token_log_probs
-from megaseg.algorithms.interpolation import INTERPOLATION_MODES, token_rewards
+from megaseg.algorithms.interpolation import INTERPOLATION_MODES, packed_token_rewards, token_rewards
 from megaseg.algorithms.normalizer import (
     BanditNormalizer,
     GlobalNormalizer,
@@ -37,8 +44,10 @@ from megaseg.algorithms.ppo import (
     policy_loss,
     value_loss,
 )
+from megaseg.algorithms.masking import zero_outside
 from megaseg.algorithms.segmentation import (
     SEGMENTATION_MODES,
+    SegmentLayout,
     bandit_segment_ends,
     entropy_segment_ends,
     ngram_segment_ends,
@@ -61,6 +70,8 @@ __all__ = [
     "IdentityNormalizer",
     "LastSegmentNormalizer",
     "LocationNormalizer",
+    "SegmentLayout",
+    "aggregate_packed_rewards",
     "aggregate_segment_rewards",
     "bandit_segment_ends",
     "bradley_terry_loss",
@@ -74,6 +85,8 @@ __all__ = [
     "mean_segment_reward",
     "ngram_segment_ends",
     "normalizer_from_dict",
+    "packed_segment_rewards",
+    "packed_token_rewards",
     "padded_segment_positions",
     "padded_segment_rewards",
     "policy_loss",
@@ -87,4 +100,5 @@ __all__ = [
     "token_rewards",
     "token_segment_ends",
     "value_loss",
+    "zero_outside",
 ]

@@ -62,7 +62,7 @@ def _index_or(index: torch.Tensor, keep: torch.Tensor, fill: int) -> torch.Tenso
     return (index - fill).mul_(keep).add_(fill)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SegmentLayout:
     """Where each token's segment sits in the packed layout, computed once per segmentation (see module docstring).
 

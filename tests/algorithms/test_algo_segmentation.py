@@ -219,7 +219,7 @@ def test_error_ends_outside_response_or_missing():
 def test_finite_check_fast_path_and_fallback():
     from megaseg.algorithms.validation import check_finite
 
-    # NaN at an unselected position makes the fast masked sum non-finite; the exact check must still pass.
+    # NaN at an unselected position makes the whole-tensor sum non-finite; the masked sum must still pass.
     check_finite("x", torch.tensor([[1.0, float("nan")]]), where=torch.tensor([[True, False]]))
     # Finite entries whose sum overflows also pass.
     check_finite("x", torch.tensor([[3e38, 3e38]]))
