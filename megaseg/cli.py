@@ -29,12 +29,23 @@ class Command:
     target: str  # "module:function"; the function takes (config, **flag_arguments) and returns an exit code
     help: str
     flags: tuple[Flag, ...] = ()
+    # A YAML shipped in the megaseg package (path relative to it) used when no --config is given, so that the
+    # command's own defaults sit under the command-line overrides (the quickstart's embedded config).
+    default_config: Optional[str] = None
+
+    def default_config_path(self) -> Optional[str]:
+        if self.default_config is None:
+            return None
+        import importlib.resources
+
+        return str(importlib.resources.files("megaseg").joinpath(self.default_config))
 
 
 COMMANDS: tuple[Command, ...] = (
     Command("quickstart", "megaseg.quickstart:run_quickstart",
             "the embedded default: SmolLM2 -> segment RM on real HH-RLHF pairs -> normalizer -> evaluation",
-            (Flag("--out", "output directory", config_key="logging.out_dir"),)),
+            (Flag("--out", "output directory", config_key="logging.out_dir"),),
+            default_config="resources/configs/quickstart.yaml"),
     Command("segment", "megaseg.training.segment:run_segmentation",
             "cache segment boundaries of every response with the frozen SFT model"),
     Command("train-rm", "megaseg.training.rm:train_reward_model", "train a segment-level reward model"),
@@ -68,7 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         sub = commands.add_parser(command.name, help=command.help, description=command.help)
-        sub.add_argument("--config", help="YAML config (may name a `base:` YAML to start from)")
+        config_help = "YAML config (may name a `base:` YAML to start from)"
+        if command.default_config is not None:
+            config_help += f"; default: the embedded {command.default_config_path()}"
+        sub.add_argument("--config", help=config_help)
         sub.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         for flag in command.flags:
             sub.add_argument(flag.option, help=flag.help, type=flag.type)
@@ -106,7 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     flag_overrides, kwargs = _split_flags(command, args)
     try:
         # Flags come first so that explicit key=value overrides win over them.
-        config = load_config(args.config, [*flag_overrides, *args.overrides])
+        config = load_config(args.config or command.default_config_path(), [*flag_overrides, *args.overrides])
     except ValueError as error:
         print(f"megaseg {command.name}: {error}", file=sys.stderr)
         return 2
