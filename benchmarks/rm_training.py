@@ -1,0 +1,102 @@
+"""Benchmark of one train-rm optimizer step (forward + backward of chosen and rejected in one batch, segment BT loss,
+megatron Adam step) in one process, on random token ids.
+
+    .venv/bin/python benchmarks/rm_training.py [--model-yaml runs/quickstart/models/SmolLM2-135M-Instruct-megatron/megaseg_model.yaml]
+        [--top-layers 4] [--pairs 4] [--micro-batch 4] [--seq 192] [--steps 4] [--threads N]
+
+Without --model-yaml it times the tiny test model (2 layers, hidden 64, SmolLM2's vocabulary). With a converted
+model's megaseg_model.yaml it loads those weights (the SFT initialisation train-rm uses). Segments are fixed 8-token
+n-grams of the second half of each row (the "response"); their layout does not change the cost of a step.
+Reported: tokens per second (2 x pairs x seq tokens per step) of the median step after one warm-up step, and the
+median step time. Both depend heavily on what else runs on the machine: compare numbers made back to back.
+
+The last printed line is one JSON object with all figures.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from functools import partial
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _micro_batch(pairs: int, seq: int, vocab: int, generator: torch.Generator):
+    from megaseg.training.rm_batches import RewardMicroBatch
+
+    rows = 2 * pairs
+    response = torch.zeros(rows, seq, dtype=torch.bool)
+    response[:, seq // 2:] = True
+    ends = torch.zeros_like(response)
+    ends[:, seq // 2 + 7::8] = True
+    ends[:, -1] = True
+    return RewardMicroBatch(input_ids=torch.randint(0, vocab, (rows, seq), generator=generator),
+                            position_ids=torch.arange(seq).expand(rows, seq).contiguous(), response_mask=response,
+                            segment_ends=ends, num_pairs=pairs, num_tokens=rows * seq)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from megaseg.config import load_config
+    from megaseg.models.pipeline import forward_backward
+    from megaseg.parallel import destroy_parallel, initialize_parallel
+    from megaseg.training.rm import build_training_setup
+    from megaseg.training.rm_batches import plan_batches
+    from megaseg.training.rm_step import segment_preference_loss
+
+    overrides = [f"rm.train_top_layers={args.top_layers}" if args.top_layers else "rm.train_top_layers=null"]
+    if args.model_yaml is None:
+        overrides.append("model.vocab_size=49152")
+    config = load_config(args.model_yaml, overrides)
+    ctx = initialize_parallel(config.parallel, config.seed)
+    try:
+        plan = plan_batches(num_pairs=args.pairs, global_batch_size=args.pairs, micro_batch_size=args.micro_batch,
+                            dp_size=1, epochs=1, max_steps=None)
+        # The LR schedule spans the warm-up step and the timed ones.
+        setup = build_training_setup(config, dataclasses.replace(plan, total_steps=args.steps + 1))
+        generator = torch.Generator().manual_seed(0)
+        micro_batches = [_micro_batch(args.micro_batch, args.seq, config.model.vocab_size, generator)
+                         for _ in range(plan.num_micro_batches)]
+        loss_fn = partial(segment_preference_loss, aggregation="mean")
+        times = []
+        for _ in range(args.steps + 1):
+            start = time.perf_counter()
+            setup.zero_grads()
+            forward_backward(setup.model, micro_batches, loss_fn)
+            setup.step()
+            times.append(time.perf_counter() - start)
+        step_seconds = statistics.median(times[1:])
+        tokens = 2 * args.pairs * args.seq
+        return {"model": config.model.name, "num_layers": config.model.num_layers, "top_layers": args.top_layers,
+                "pairs_per_step": args.pairs, "micro_batch_pairs": args.micro_batch, "seq": args.seq,
+                "threads": torch.get_num_threads(), "warmup_step_s": round(times[0], 3),
+                "median_step_s": round(step_seconds, 3), "tokens_per_s": round(tokens / step_seconds, 1),
+                "pairs_per_s": round(args.pairs / step_seconds, 3)}
+    finally:
+        destroy_parallel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-yaml", help="a converted model's megaseg_model.yaml (default: the tiny test model)")
+    parser.add_argument("--top-layers", type=int, default=None, help="train only the top N layers + head")
+    parser.add_argument("--pairs", type=int, default=4, help="pairs per optimizer step")
+    parser.add_argument("--micro-batch", type=int, default=4, help="pairs per forward pass")
+    parser.add_argument("--seq", type=int, default=192, help="tokens per sequence")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up step)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(json.dumps(run(args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
