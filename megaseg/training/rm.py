@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -26,11 +27,12 @@ from typing import Optional
 import torch
 
 from megaseg.config import MegasegConfig, save_config
+from megaseg.config.loader import RESOLVED_CONFIG_NAME
 from megaseg.data.resources import SHIPPED_PREFIX
 from megaseg.data.sampler import ResumableShardedSampler
 from megaseg.models.pipeline import forward_backward
 from megaseg.training.checkpoint import TrainingProgress, latest_checkpoint, load_checkpoint, save_checkpoint
-from megaseg.training.metrics import PhaseTimer, RunLogger
+from megaseg.training.metrics import METRICS_FILE_NAME, PhaseTimer, RunLogger
 from megaseg.training.optimizer import TrainingSetup, setup_training
 from megaseg.training.rm_batches import BatchPlan, SegmentedPair, collate_step, plan_batches
 from megaseg.training.rm_checkpoint import REWARD_MODEL_DIR, initialize_from_sft, save_reward_model
@@ -55,6 +57,11 @@ class RewardModelResult:
     final_train: Optional[PairMetrics]  # the last step's metrics (None when nothing was trained in this process)
     final_eval: Optional[PairMetrics]   # None without an eval split
 
+    def summary(self) -> dict:
+        return {"reward_model": str(self.reward_model), "metrics": str(self.out_dir / METRICS_FILE_NAME),
+                "config": str(self.out_dir / RESOLVED_CONFIG_NAME), "steps": self.steps,
+                **_summary_metrics(self.final_train, self.final_eval)}
+
 
 def train_reward_model(config: MegasegConfig) -> int:
     """CLI entry (`megaseg train-rm`): set up the process groups, train, tear down. Returns the exit code."""
@@ -62,7 +69,9 @@ def train_reward_model(config: MegasegConfig) -> int:
 
     parallel_ctx = initialize_parallel(config.parallel, config.seed, fp8=config.model.fp8)
     try:
-        run_reward_model_training(config, parallel_ctx)
+        result = run_reward_model_training(config, parallel_ctx)
+        if parallel_ctx.is_rank_zero:  # the last line of output: one JSON object, for scripts
+            print(json.dumps(result.summary()), flush=True)
     finally:
         destroy_parallel()
     return 0
