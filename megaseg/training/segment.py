@@ -107,6 +107,7 @@ def entropy_cache_key(config: MegasegConfig, pairs: Sequence[TokenizedPair], ide
                                                          "files": path_fingerprint(tokenizer, "model.tokenizer")},
             "max_length": data.max_length, "max_prompt_length": data.max_prompt_length,
             "overlong_prompt": data.overlong_prompt, "data": data_fingerprint(pairs),
+            "shard_size": config.segmentation.shard_size,
             "entropy": "fp32 nats, logits[j] predicts token j+1, one value per response token"}
 
 
@@ -259,7 +260,7 @@ def segment_settings(config: MegasegConfig) -> dict[str, Any]:
 
 def _segment_cache_key(config: MegasegConfig, pairs: Sequence[TokenizedPair],
                        entropy_store: Optional[ShardedStore]) -> dict[str, Any]:
-    key: dict[str, Any] = dict(segment_settings(config))
+    key: dict[str, Any] = {**segment_settings(config), "shard_size": config.segmentation.shard_size}
     if entropy_store is not None:
         key["entropies"] = entropy_store.root.name
     else:

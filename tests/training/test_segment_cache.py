@@ -103,9 +103,13 @@ def test_modes_without_a_model_are_cached_and_reused(tmp_path, mode, extra):
     assert again.cache_entry == segmented.cache_entry and [p.stat().st_mtime_ns for p in shards] == stamps
     summary = json.loads((segmented.cache_entry / "complete.json").read_text())
     assert summary["segments_per_response"] == pytest.approx(segmented.statistics().segments_per_response)
-    # Another pair set (one more pair) is another entry; nothing is read across.
+    # Another pair set (one more pair) or another shard size is another entry; nothing is read across.
     other = segment_ends_for(config, random_pairs(8), parallel_ctx=None)
     assert other.cache_entry != segmented.cache_entry and other.num_pairs == 8
+    resharded = segment_ends_for(tiny_config(str(tmp_path / "cache"), mode=mode, shard_size=2, **extra), pairs,
+                                 parallel_ctx=None)
+    assert resharded.cache_entry != segmented.cache_entry
+    assert all((resharded.ends_for_pair(i)[0] == segmented.ends_for_pair(i)[0]).all() for i in range(7))
 
 
 def test_ends_mask_follows_collate_pairs_rows_and_statistics_count_by_hand(tmp_path):
