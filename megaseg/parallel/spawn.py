@@ -21,11 +21,14 @@ import multiprocessing
 import os
 import pickle
 import queue
+import signal
 import socket
 import time
 import traceback
 from typing import Any, Callable, Optional
 
+# How long ranks that all reported success get to exit by themselves before they are terminated.
+CLEAN_EXIT_GRACE_SECONDS = 30.0
 # After the first rank fails, how long the others get to report their own errors before they are terminated.
 FAILURE_GRACE_SECONDS = 5.0
 # The stacks of a hung rank are dumped this long before the parent's timeout kills it.
@@ -83,6 +86,8 @@ def _destroy_if_initialized() -> None:
 
 def _worker(fn, rank, world_size, port, args, results, threads_per_rank, stack_dump_after) -> None:
     # Launcher variables must describe this rank only, even when the parent runs inside a Slurm job or under torchrun.
+    # Lead a process group of our own, so the parent can stop every helper this rank starts (see _terminate).
+    os.setpgid(0, 0)
     for name in list(os.environ):
         if name.startswith("SLURM_") or name in ("GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"):
             del os.environ[name]
@@ -107,15 +112,29 @@ def _is_port_collision(rank_errors: dict[int, str]) -> bool:
     return any("EADDRINUSE" in text or "address already in use" in text.lower() for text in rank_errors.values())
 
 
+def _signal_process_group(process, signal_number: int) -> None:
+    try:
+        os.killpg(process.pid, signal_number)
+    except (ProcessLookupError, PermissionError, TypeError):
+        pass  # the group is empty (everything already exited) or the rank never started
+
+
 def _terminate(processes: list) -> None:
+    """Stop the ranks and every helper process they started.
+
+    Each rank leads its own process group (see ``_worker``). Helpers it started, dist_checkpointing's multiprocessing
+    Manager for one, stay in that group even after the rank itself has exited and they were re-parented, so signalling
+    the group reaches them; otherwise each would linger with ~280 MB.
+    """
     for process in processes:
-        if process.is_alive():
-            process.terminate()
+        _signal_process_group(process, signal.SIGTERM)
     for process in processes:
         process.join(timeout=5)
         if process.is_alive():
             process.kill()
             process.join(timeout=5)
+    for process in processes:
+        _signal_process_group(process, signal.SIGKILL)
 
 
 class _Run:
@@ -168,6 +187,11 @@ class _Run:
             process.start()
         try:
             self._collect()
+            if not self.errors:
+                # Let ranks that reported success exit on their own, so their atexit handlers shut their helpers
+                # down cleanly; whatever still runs after that is terminated below.
+                for process in self.processes:
+                    process.join(timeout=CLEAN_EXIT_GRACE_SECONDS)
         finally:
             _terminate(self.processes)
             self.results.close()

@@ -105,3 +105,22 @@ def test_a_clean_exit_without_a_report_is_not_waited_for():
     with pytest.raises(DistributedRunError, match="exit code 0 without reporting"):
         run_distributed(_exit_cleanly_without_reporting, 1, timeout=60)
     assert time.monotonic() - started < 30
+
+
+def _start_helper_process(rank, world_size):
+    import subprocess
+
+    # Stands in for dist_checkpointing's Manager: a process the rank starts and does not stop itself.
+    return subprocess.Popen(["sleep", "120"]).pid
+
+
+def test_helper_processes_of_ranks_do_not_outlive_the_run():
+    import psutil
+
+    pids = run_distributed(_start_helper_process, 2)
+    for pid in pids:
+        try:
+            status = psutil.Process(pid).status()
+        except psutil.NoSuchProcess:
+            continue
+        assert status == psutil.STATUS_ZOMBIE, f"helper {pid} of a rank is still running ({status})"
