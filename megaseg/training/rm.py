@@ -44,7 +44,8 @@ CHECKPOINTS_DIR = "checkpoints"
 # Settings a resumed run must share with the checkpoint's run, or the resumed curve is not the same training.
 _RESUME_INVARIANTS = ("seed", "rm.global_batch_size", "rm.micro_batch_size", "rm.aggregation", "rm.train_top_layers",
                       "segmentation.mode", "segmentation.entropy_cutoff", "segmentation.ngram_size",
-                      "data.train_path", "data.max_length", "data.max_prompt_length", "data.shuffle")
+                      "data.train_path", "data.max_samples", "data.eval_path", "data.eval_fraction",
+                      "data.skip_invalid", "data.max_length", "data.max_prompt_length", "data.shuffle")
 
 
 @dataclass(frozen=True)
