@@ -27,8 +27,8 @@ ROW_FILES = sorted(path for path in PAPER.glob("*/*.yaml") if path.name != "comm
 # so its steps use the tiny config's cutoff, and rows differing only in c_ent share one step.
 VARIANT_KEYS = ("ppo.reward_granularity", "ppo.interpolation", "ppo.value_clip", "normalizer.kind",
                 "segmentation.mode", "segmentation.ngram_size", "rm.aggregation")
-SMALL = ("ppo.rollout_batch_size=2", "ppo.train_batch_size=2", "ppo.micro_rollout_batch_size=2",
-         "ppo.max_new_tokens=5")
+SMALL = ("model.num_layers=1", "ppo.rollout_batch_size=2", "ppo.train_batch_size=2", "ppo.micro_rollout_batch_size=2",
+         "ppo.max_new_tokens=4")
 
 
 def variant_of(path: Path) -> tuple[str, ...]:
@@ -71,7 +71,8 @@ def _run_variants(rank, world_size, variants, work_dir):
     from ppo_test_setup import build_tiny_models, build_tiny_run
 
     ctx = initialize_parallel(tiny_config().parallel, seed=3)
-    reward_model = build_reward_model(tiny_config().model, tiny_config().parallel)
+    small = tiny_config(*SMALL)
+    reward_model = build_reward_model(small.model, small.parallel)
     results = {}
     for index, variant in enumerate(variants):
         config = tiny_config(*SMALL, *variant)
