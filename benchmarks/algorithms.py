@@ -13,7 +13,8 @@ number of response tokens (its cost is a fixed amount of Python work per token; 
 over the tokens), best of ``--loop-repeats`` runs. The vectorised time is the best of ``--repeats`` runs after a
 warm-up. Both are noisy on a shared machine; the vectorised one also depends on the state of glibc's heap (a fresh
 process returns freed buffers to the kernel and faults them back in on the next call; a trainer that has freed large
-buffers keeps them), so compare figures from runs made back to back.
+buffers keeps them: ``vectorised_page_faults_per_call`` counts the pages faulted back in), so compare figures from
+runs made back to back.
 
 Entropy memory: each measurement runs in a fresh subprocess that allocates bf16 logits [positions, vocab] in place
 (no fp32 temporary), reads its current RSS, calls token_entropy, then reads the peak RSS (getrusage ru_maxrss).
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -128,18 +130,21 @@ def time_pipelines(batch: int, seq: int, loop_rows: int, device: str, repeats: i
     rollout = make_rollout(batch, seq, device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
-    def best_time(validate_all: bool) -> float:
+    def best_time(validate_all: bool) -> tuple[float, int]:
+        """(best time, median minor page faults per call: fresh memory the heap had handed back to the kernel)."""
         vectorised_pipeline(rollout, validate_all)  # warm-up (lazy init, allocator)
-        times = []
+        times, faults = [], []
         for _ in range(repeats):
+            faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             sync()
             start = time.perf_counter()
             vectorised_pipeline(rollout, validate_all)
             sync()
             times.append(time.perf_counter() - start)
-        return min(times)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
+        return min(times), sorted(faults)[len(faults) // 2]
 
-    vec_time, vec_time_all = best_time(False), best_time(True)
+    (vec_time, vec_faults), (vec_time_all, _) = best_time(False), best_time(True)
 
     rows = torch.linspace(0, batch - 1, loop_rows).round().long().unique().tolist()
     # Best of ``loop_repeats`` like the vectorised side: one sample of a ~10 ms Python loop on a shared machine is
@@ -173,6 +178,7 @@ def time_pipelines(batch: int, seq: int, loop_rows: int, device: str, repeats: i
         "torch_threads": torch.get_num_threads(),
         "vectorised_s": round(vec_time, 5),
         "vectorised_validate_everywhere_s": round(vec_time_all, 5),
+        "vectorised_page_faults_per_call": vec_faults,
         "loop_rows_timed": len(rows),
         "loop_repeats": loop_repeats,
         "loop_tokens_timed": subset_tokens,
