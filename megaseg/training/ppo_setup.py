@@ -142,12 +142,18 @@ def load_reward_parts(config: MegasegConfig, parallel_ctx: Any) -> RewardParts:
         raise ValueError(f"the reward model {rm_dir} has model.vocab_size={rm_config.model.vocab_size}, the policy "
                          f"{config.model.vocab_size}: it cannot read the policy's token ids; use a reward model "
                          "trained from the same backbone family (same tokenizer)")
-    if plan.entropy_needed and rm_config.model.checkpoint != config.model.checkpoint:
+    if plan.entropy_needed and not _same_path(rm_config.model.checkpoint, config.model.checkpoint):
         warnings.warn(f"the reward model was segmented with the entropies of {rm_config.model.checkpoint}, this run "
                       f"computes them with {config.model.checkpoint}; segment boundaries may differ from the reward "
                       "model's training data")
     normalizer = load_matching_normalizer(plan, config, rm_config, rm_dir)
     return RewardParts(plan=plan, reward_model=reward_model, rm_config=rm_config, normalizer=normalizer)
+
+
+def _same_path(first: Optional[str], second: Optional[str]) -> bool:
+    if first is None or second is None:
+        return first == second
+    return Path(first).resolve() == Path(second).resolve()
 
 
 def build_rollout_fn(config: MegasegConfig, pad_token_id: int) -> RolloutFn:
