@@ -115,7 +115,9 @@ class DPOConfig:
         check_positive("dpo.max_steps", self.max_steps, allow_none=True)
         check_non_negative("dpo.eval_every", self.eval_every)
         check_positive("dpo.beta", self.beta)
-        check_range("dpo.label_smoothing", self.label_smoothing, 0.0, 0.5)
+        # 0.5 would make the conservative-DPO loss ignore the preference label entirely.
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"dpo.label_smoothing={self.label_smoothing!r} must lie in [0, 0.5)")
         check_positive("dpo.global_batch_size", self.global_batch_size)
         check_positive("dpo.micro_batch_size", self.micro_batch_size)
         check_positive("dpo.epochs", self.epochs)
