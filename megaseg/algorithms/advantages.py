@@ -28,6 +28,7 @@ from functools import lru_cache
 import torch
 
 from megaseg.algorithms.masking import zero_outside, zero_outside_
+from megaseg.algorithms.segments import INDEX_DTYPE
 from megaseg.algorithms.validation import check_2d, check_bool, check_contiguous, check_shape
 
 # The [batch * seq / 32, 32] x [32, 32] local matmul plus the [n_blocks, n_blocks] carry was the fastest split on CPU at
@@ -148,12 +149,12 @@ def gae(
     mask_int = mask.view(torch.uint8)
     rank = mask_int.cumsum(dim=1, dtype=torch.int32).sub_(1)
     # Masked entries are scattered into a spare column and never read, so garbage there (even NaN) cannot leak in.
-    slot = (rank - seq).mul_(mask_int).add_(seq).long()
+    slot = (rank - seq).mul_(mask_int).add_(seq).to(INDEX_DTYPE)
     r_c, v_c = _compact(rewards, slot), _compact(values, slot)
     # Compacted rows hold their valid tokens first and zeros after, so V_next of the last valid token is 0 and the
     # deltas past the row's length are exactly 0.
     adv_c = discounted_reverse_cumsum(r_c + gamma * _next_values(v_c) - v_c, gamma * lam, block_size)
     # Back to the original columns; masked positions read some valid column and are zeroed.
-    index = rank.clamp_(min=0).long()
+    index = rank.clamp_(min=0).to(INDEX_DTYPE)
     advantages = zero_outside_(adv_c.gather(1, index), mask)
     return advantages, zero_outside_(v_c.add_(adv_c).gather(1, index), mask)

@@ -16,7 +16,7 @@ normalization and interpolation of a batch share one layout instead of each reco
 
 Everything runs unchanged on GPU and never syncs with the host, except ``pack_segment_ends`` which must read the
 largest segment count to size its output. Integer arithmetic is int32 (exact for any sequence length, and several times
-faster than int64 on CPU); gather/scatter indices are converted to int64 once, in the layout.
+faster than int64 on CPU), and so are the gather/scatter indices where torch accepts them (``INDEX_DTYPE``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ import torch
 
 from megaseg.algorithms.masking import count_true, zero_outside, zero_outside_
 from megaseg.algorithms.validation import check_ends
+
+# gather/scatter take int32 indices from torch 2.8 on (CPU and CUDA). A [batch, seq] index in int32 is half the memory
+# of int64 and needs no conversion from the int32 arithmetic; on CPU that saves more (allocation, page faults) than
+# the slightly slower int32 gather costs. Older torch (e.g. NGC 25.04's 2.7) needs int64.
+INDEX_DTYPE = torch.int32 if torch.__version__ >= (2, 8) else torch.int64
 
 
 def num_segments(ends: torch.Tensor) -> torch.Tensor:
@@ -74,8 +79,8 @@ class SegmentLayout:
     ends: torch.Tensor  # [batch, seq] bool: True on the last token of each segment
     response_mask: torch.Tensor  # [batch, seq] bool: one contiguous run of response tokens per row
     num_segments: torch.Tensor  # [batch, 1] int64: T of each row (>= 1 for validated ends)
-    segment_index: torch.Tensor  # [batch, seq] int64: number of ends before each token (t on the tokens of segment t)
-    end_column: torch.Tensor  # [batch, seq] int64: t on the end of segment t, seq (a spare column) on other tokens
+    segment_index: torch.Tensor  # [batch, seq] INDEX_DTYPE: ends before each token (t on the tokens of segment t)
+    end_column: torch.Tensor  # [batch, seq] INDEX_DTYPE: t on the end of segment t, seq (a spare column) elsewhere
 
     @classmethod
     def from_ends(cls, ends: torch.Tensor, response_mask: torch.Tensor, validate: bool = True) -> SegmentLayout:
@@ -87,8 +92,8 @@ class SegmentLayout:
             ends=ends,
             response_mask=response_mask,
             num_segments=total.long(),
-            segment_index=before.long(),
-            end_column=_index_or(before, ends, seq).long(),
+            segment_index=before.to(INDEX_DTYPE),
+            end_column=_index_or(before, ends, seq).to(INDEX_DTYPE),
         )
 
     def pack(self, values: torch.Tensor) -> torch.Tensor:
@@ -239,7 +244,7 @@ def pack_segment_ends(
         raise ValueError(f"max_segments={max_segments} is smaller than the largest segment count {int(counts.max())}")
     batch = ends.shape[0]
     # Scatter each end into column t; non-ends go to a spare column `width` that is dropped afterwards.
-    column = _index_or(_ends_before(ends)[0], ends, width).long()
+    column = _index_or(_ends_before(ends)[0], ends, width).to(INDEX_DTYPE)
     packed = values.new_zeros(batch, width + 1)
     packed.scatter_(1, column, values)
     mask = torch.arange(width, device=ends.device)[None, :] < counts[:, None]
