@@ -206,7 +206,7 @@ def save_checkpoint(root: str | os.PathLike, *, model: torch.nn.Module, config: 
     _barrier()
     if _rank() == 0:
         save_config(config, tmp)
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
         _write_latest(root, final.name)
         if keep_last is not None:
             _prune(root, keep_last)
@@ -214,14 +214,17 @@ def save_checkpoint(root: str | os.PathLike, *, model: torch.nn.Module, config: 
     return final
 
 
-def _replace_dir(source: Path, target: Path) -> None:
-    if target.exists():  # re-saving a step (e.g. after resuming at it): swap, then delete the old one
+def replace_dir(source: Path, target: Path) -> None:
+    """Move a finished directory into place by rename, replacing an existing one (e.g. a step saved again after
+    resuming at it): the old one is swapped aside first and deleted only once the new one is in place."""
+    if target.exists():
         trash = target.with_name(f".old_{target.name}")
         shutil.rmtree(trash, ignore_errors=True)
         target.rename(trash)
         source.rename(target)
         shutil.rmtree(trash)
     else:
+        target.parent.mkdir(parents=True, exist_ok=True)
         source.rename(target)
 
 

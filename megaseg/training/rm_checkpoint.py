@@ -33,6 +33,7 @@ from megaseg.training.checkpoint import (
     TrainingProgress,
     latest_checkpoint,
     load_checkpoint,
+    replace_dir,
     save_checkpoint,
 )
 
@@ -126,22 +127,10 @@ def save_reward_model(rm_dir: str | os.PathLike, *, model, config: MegasegConfig
         tmp_marker = step_dir / f".{MARKER_FILE}.tmp"
         tmp_marker.write_text(json.dumps(_marker(config, progress, metrics), indent=2) + "\n")
         tmp_marker.replace(step_dir / MARKER_FILE)
-        _swap_into_place(step_dir, rm_dir)
+        replace_dir(step_dir, rm_dir)
         shutil.rmtree(staging_root)
     _barrier()
     return rm_dir
-
-
-def _swap_into_place(source: Path, target: Path) -> None:
-    if target.exists():
-        trash = target.with_name(f".old_{target.name}")
-        shutil.rmtree(trash, ignore_errors=True)
-        target.rename(trash)
-        source.rename(target)
-        shutil.rmtree(trash)
-    else:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        source.rename(target)
 
 
 def parallel_config_of(parallel_ctx, base: ParallelConfig) -> ParallelConfig:
