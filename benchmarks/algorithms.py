@@ -4,17 +4,21 @@ memory of token_entropy with and without chunking.
     .venv/bin/python benchmarks/algorithms.py [--batch 64] [--seq 2048] [--loop-rows 8] [--threads 1] [--device cpu]
 
 Pipeline (one PPO rollout batch, after the model forwards): entropy segmentation -> locations p -> mean segment reward
-(the RM's e(x, y), logged) -> location normalizer -> even interpolation -> clamp -> KL penalty -> GAE -> whitening.
-The vectorised side builds one ``SegmentLayout`` from the segment ends and keeps the segment rewards packed (segment t
-in column t) from the reward head output to the interpolation; inputs are validated once, where they enter.
+(the RM's e(x, y), logged) -> location normalizer -> even interpolation -> clamp -> KL penalty -> GAE -> whitening,
+from right-padded [batch, seq] inputs to [batch, seq] advantages. Two vectorised paths of megaseg.algorithms are timed:
+- unpadded (``megaseg.algorithms.unpadded``): the response tokens of every row are listed end to end once, every step
+  runs over those N tokens (per-segment steps over the K segments), and the advantages are padded back at the end;
+- padded: one ``SegmentLayout`` from the segment ends, segment rewards packed (segment t in column t) from the reward
+  head output to the interpolation, every per-token step over the whole [batch, seq] grid.
+Both validate their inputs once, where they enter. ``speedup`` is the unpadded path's.
 The loop reference runs the same steps one sequence at a time with the plain-Python functions of
 tests/algorithms/algo_reference.py; it is timed on ``--loop-rows`` evenly spaced rows and extrapolated linearly in the
 number of response tokens (its cost is a fixed amount of Python work per token; the final whitening is one more pass
-over the tokens), best of ``--loop-repeats`` runs. The vectorised time is the best of ``--repeats`` runs after a
-warm-up. Both are noisy on a shared machine; the vectorised one also depends on the state of glibc's heap (a fresh
-process returns freed buffers to the kernel and faults them back in on the next call; a trainer that has freed large
-buffers keeps them: ``vectorised_page_faults_per_call`` counts the pages faulted back in), so compare figures from
-runs made back to back.
+over the tokens), best of ``--loop-repeats`` runs. Each vectorised time is the best of 3 interleaved rounds of
+``--repeats`` runs after a warm-up. All are noisy on a shared machine; the vectorised ones also depend on the state of
+glibc's heap (a fresh process returns freed buffers to the kernel and faults them back in on the next call; a trainer
+that has freed large buffers keeps them: ``*_page_faults_per_call`` counts the pages faulted back in), so compare
+figures from runs made back to back.
 
 Entropy memory: each measurement runs in a fresh subprocess that allocates bf16 logits [positions, vocab] in place
 (no fp32 temporary), reads its current RSS, calls token_entropy, then reads the peak RSS (getrusage ru_maxrss).
@@ -43,10 +47,11 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "algorithms"))
 
 import algo_reference as ref  # noqa: E402
 
+from megaseg.algorithms import unpadded  # noqa: E402
 from megaseg.algorithms.aggregation import aggregate_packed_rewards, packed_segment_rewards  # noqa: E402
 from megaseg.algorithms.interpolation import packed_token_rewards  # noqa: E402
 from megaseg.algorithms.normalizer import LocationNormalizer  # noqa: E402
-from megaseg.algorithms.ppo import gae, kl_penalized_rewards, masked_whiten  # noqa: E402
+from megaseg.algorithms.ppo import gae, kl_penalized_rewards, kl_penalty, masked_whiten  # noqa: E402
 from megaseg.algorithms.segmentation import SegmentLayout, entropy_segment_ends  # noqa: E402
 
 CUTOFF, KL_COEF, GAMMA, LAM, CLAMP = 1.75, 0.01, 1.0, 0.95, 10.0
@@ -97,6 +102,22 @@ def vectorised_pipeline(r: dict[str, torch.Tensor], validate_all: bool = False) 
     return masked_whiten(advantages, response)
 
 
+def unpadded_pipeline(r: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The same steps on the response tokens only (megaseg.algorithms.unpadded): masks validated once, the inputs
+    unpadded once, the advantages padded back to [batch, seq] at the end."""
+    responses = unpadded.UnpaddedResponses.from_masks(r["response_mask"], r["eos_mask"])
+    ends = unpadded.entropy_segment_ends(responses.unpad(r["entropy"]), responses, CUTOFF)
+    segments = unpadded.UnpaddedSegments.from_ends(ends, responses, validate=False)  # entropy ends: T >= 1 always
+    rewards = segments.at_ends(responses.unpad(r["values"]))
+    segments.mean(rewards)  # e(x, y), logged by the trainer
+    normalized = unpadded.normalize(NORMALIZER, rewards, segments)
+    dense = segments.token_rewards(normalized, "even").clamp_(-CLAMP, CLAMP)
+    kl = kl_penalty(responses.unpad(r["logp"]), responses.unpad(r["ref_logp"]), "k1")
+    rewards = kl.mul_(-KL_COEF).add_(dense)
+    advantages, _ = unpadded.gae(rewards, responses.unpad(r["critic"]), responses, GAMMA, LAM)
+    return responses.pad(unpadded.whiten(advantages))
+
+
 def loop_pipeline(r: dict[str, list], rows: list[int]) -> list[list[float]]:
     """Same steps, one sequence at a time, plain Python (algo_reference) plus a Python whitening pass."""
     import math
@@ -130,21 +151,33 @@ def time_pipelines(batch: int, seq: int, loop_rows: int, device: str, repeats: i
     rollout = make_rollout(batch, seq, device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
-    def best_time(validate_all: bool) -> tuple[float, int]:
+    def best_time(pipeline) -> tuple[float, int]:
         """(best time, median minor page faults per call: fresh memory the heap had handed back to the kernel)."""
-        vectorised_pipeline(rollout, validate_all)  # warm-up (lazy init, allocator)
+        pipeline(rollout)  # warm-up (lazy init, allocator)
         times, faults = [], []
         for _ in range(repeats):
             faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             sync()
             start = time.perf_counter()
-            vectorised_pipeline(rollout, validate_all)
+            pipeline(rollout)
             sync()
             times.append(time.perf_counter() - start)
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
         return min(times), sorted(faults)[len(faults) // 2]
 
-    (vec_time, vec_faults), (vec_time_all, _) = best_time(False), best_time(True)
+    # Interleaved rounds, so that a burst of load from a neighbour hits all three paths alike.
+    timings = {"unpadded": [], "padded": [], "padded_validate_everywhere": []}
+    paths = {
+        "unpadded": unpadded_pipeline,
+        "padded": vectorised_pipeline,
+        "padded_validate_everywhere": lambda r: vectorised_pipeline(r, validate_all=True),
+    }
+    for _ in range(3):
+        for name, pipeline in paths.items():
+            timings[name].append(best_time(pipeline))
+    (unpadded_time, unpadded_faults), (vec_time, vec_faults), (vec_time_all, _) = (
+        min(timings[name]) for name in paths
+    )
 
     rows = torch.linspace(0, batch - 1, loop_rows).round().long().unique().tolist()
     # Best of ``loop_repeats`` like the vectorised side: one sample of a ~10 ms Python loop on a shared machine is
@@ -166,7 +199,9 @@ def time_pipelines(batch: int, seq: int, loop_rows: int, device: str, repeats: i
 
     # Agreement on the subset (whitening statistics depend on the row set, so compare on the same rows).
     sub = {name: t[rows] for name, t in rollout.items()}
-    diff = (vectorised_pipeline(sub).double().cpu() - torch.tensor(loop_out, dtype=torch.float64)).abs().max().item()
+    loop_tensor = torch.tensor(loop_out, dtype=torch.float64)
+    diff = (vectorised_pipeline(sub).double().cpu() - loop_tensor).abs().max().item()
+    diff_unpadded = (unpadded_pipeline(sub).double().cpu() - loop_tensor).abs().max().item()
     ends = entropy_segment_ends(rollout["entropy"], rollout["response_mask"], rollout["eos_mask"], CUTOFF)
     segments = int(ends.sum())
     return {
@@ -176,19 +211,23 @@ def time_pipelines(batch: int, seq: int, loop_rows: int, device: str, repeats: i
         "response_tokens": tokens,
         "segments": segments,
         "torch_threads": torch.get_num_threads(),
-        "vectorised_s": round(vec_time, 5),
-        "vectorised_validate_everywhere_s": round(vec_time_all, 5),
-        "vectorised_page_faults_per_call": vec_faults,
+        "unpadded_s": round(unpadded_time, 5),
+        "unpadded_page_faults_per_call": unpadded_faults,
+        "padded_s": round(vec_time, 5),
+        "padded_validate_everywhere_s": round(vec_time_all, 5),
+        "padded_page_faults_per_call": vec_faults,
         "loop_rows_timed": len(rows),
         "loop_repeats": loop_repeats,
         "loop_tokens_timed": subset_tokens,
         "loop_subset_s": round(loop_subset, 4),
         "loop_extrapolated_s": round(loop_time, 4),
         "loop_extrapolated_without_tolist_s": round(loop_time_compute_only, 4),
-        "speedup": round(loop_time / vec_time, 1),
-        "speedup_validate_everywhere": round(loop_time / vec_time_all, 1),
-        "speedup_vs_loop_without_tolist": round(loop_time_compute_only / vec_time, 1),
-        "max_abs_diff_vs_loop": diff,
+        "speedup": round(loop_time / unpadded_time, 1),
+        "speedup_vs_loop_without_tolist": round(loop_time_compute_only / unpadded_time, 1),
+        "speedup_padded": round(loop_time / vec_time, 1),
+        "speedup_padded_validate_everywhere": round(loop_time / vec_time_all, 1),
+        "max_abs_diff_vs_loop": diff_unpadded,
+        "max_abs_diff_vs_loop_padded": diff,
     }
 
 
@@ -244,12 +283,13 @@ def main() -> None:
 
     figures = time_pipelines(args.batch, args.seq, args.loop_rows, args.device, args.repeats, args.loop_repeats)
     print(
-        f"pipeline {args.batch}x{args.seq} on {args.device} ({args.threads} thread(s)): vectorised "
-        f"{figures['vectorised_s'] * 1e3:.1f} ms "
-        f"({figures['vectorised_validate_everywhere_s'] * 1e3:.1f} ms validating in every function), "
-        f"loop {figures['loop_extrapolated_s']:.2f} s (timed on {figures['loop_rows_timed']} rows = "
+        f"pipeline {args.batch}x{args.seq} on {args.device} ({args.threads} thread(s)): unpadded "
+        f"{figures['unpadded_s'] * 1e3:.2f} ms, padded {figures['padded_s'] * 1e3:.2f} ms "
+        f"({figures['padded_validate_everywhere_s'] * 1e3:.2f} ms validating in every function), "
+        f"loop {figures['loop_extrapolated_s']:.3f} s (timed on {figures['loop_rows_timed']} rows = "
         f"{figures['loop_tokens_timed']} tokens, extrapolated linearly to {figures['response_tokens']} tokens) -> "
-        f"{figures['speedup']}x; max |diff| vs loop {figures['max_abs_diff_vs_loop']:.2e}"
+        f"{figures['speedup']}x unpadded, {figures['speedup_padded']}x padded; max |diff| vs loop "
+        f"{figures['max_abs_diff_vs_loop']:.2e}"
     )
 
     chunk_bytes = args.chunk * args.vocab * 4
