@@ -60,16 +60,20 @@ class UnpaddedResponses:
         """The response tokens of ``response_mask`` ``[batch, seq]`` bool (one contiguous, non-empty run per row) with
         their EOS marks from ``eos_mask`` (at most one per row, on its last response token); ``validate`` checks
         those promises (one host sync)."""
-        check_masks(response_mask, eos_mask, validate)
+        check_masks(response_mask, eos_mask, validate=False)  # dtypes and shapes
         batch, seq = response_mask.shape
+        mask_bytes = response_mask.view(torch.uint8)
         lengths = count_true(response_mask, dim=1)
         cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
-        # Each response is one run, so its tokens are its first position plus 0, 1, ...; the first position is the
-        # run's end (the largest column + 1 holding True) minus its length. On CPU that max costs a tenth of a
-        # nonzero over the whole grid (and argmax twice as much: it does not vectorise on bytes).
+        # A run's tokens are its first position plus 0, 1, ...; the first position is the run's end (the largest
+        # column + 1 holding True) minus its length. On CPU that max costs a tenth of a nonzero over the whole grid
+        # (argmax twice as much: it does not vectorise on bytes).
         column_dtype = torch.int16 if seq < 2**15 else torch.int32
         columns = torch.arange(1, seq + 1, device=response_mask.device, dtype=column_dtype)
-        first = (response_mask.view(torch.uint8) * columns).amax(dim=1).long() - lengths
+        run_end = (mask_bytes * columns).amax(dim=1).long()
+        first = run_end - lengths
+        if validate:
+            _check_runs(response_mask, eos_mask, mask_bytes, columns, first, run_end)
         row_offset = (first + torch.arange(batch, device=first.device) * seq - cu_seqlens[:-1]).to(INDEX_DTYPE)
         num_tokens = int(cu_seqlens[-1])
         index = torch.repeat_interleave(row_offset, lengths, output_size=num_tokens)
@@ -87,9 +91,10 @@ class UnpaddedResponses:
         return self.cu_seqlens[1:] - 1
 
     @cached_property
-    def next_start(self) -> torch.Tensor:
-        """``[N]`` int64: for each token, the start of the response after its own (its response's exclusive end)."""
-        return torch.repeat_interleave(self.cu_seqlens[1:], self.lengths, output_size=self.num_tokens)
+    def steps_before_end(self) -> torch.Tensor:
+        """``[N]`` INDEX_DTYPE: for each token, the number of tokens of its response after it."""
+        last_flat = (self.index.index_select(0, self.last.to(INDEX_DTYPE)))
+        return torch.repeat_interleave(last_flat, self.lengths, output_size=self.num_tokens).sub_(self.index)
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         """``[N]``: the response entries of ``x`` ``[batch, seq]``, response by response."""
@@ -101,6 +106,20 @@ class UnpaddedResponses:
         check_shape("x", x, (self.num_tokens,), "the response tokens")
         out = x.new_zeros(self.shape[0] * self.shape[1])
         return out.scatter_(0, self.index, x).view(self.shape)
+
+
+def _check_runs(response_mask, eos_mask, mask_bytes, columns, first, run_end) -> None:
+    """``validation.check_masks``'s promises from what ``from_masks`` computed anyway (one host sync): every row is
+    one non-empty run (its first True is where its length says, counting back from its last), and a row's EOS marks
+    are either none or its last response token alone. On failure ``check_masks`` names the bad rows."""
+    seq = response_mask.shape[1]
+    first_true = seq - (mask_bytes * columns.flip(0)).amax(dim=1).long()  # seq for an empty row
+    eos_count = count_true(eos_mask, dim=1)
+    eos_at_end = eos_mask.gather(1, (run_end - 1).clamp(min=0)[:, None]).squeeze(1)
+    broken = (first_true != first) | (run_end == 0) | (eos_count != eos_at_end.long())
+    if bool(broken.any()):
+        check_masks(response_mask, eos_mask)
+        raise AssertionError("check_masks accepted masks that _check_runs refused")  # unreachable by construction
 
 
 def segment_ends_from_boundaries(boundary: torch.Tensor, responses: UnpaddedResponses) -> torch.Tensor:
@@ -252,7 +271,8 @@ def flat_discounted_reverse_cumsum(x: torch.Tensor, decay: float, width: int = F
     """
     (length,) = x.shape
     rows = max(1, -(-length // width))
-    folded = torch.nn.functional.pad(x, (0, rows * width - length)).view(rows, width)
+    folded = x.view(rows, width) if length == rows * width else torch.nn.functional.pad(x, (0, rows * width - length))
+    folded = folded.view(rows, width)
     local = discounted_reverse_cumsum(folded, decay)
     at_row_start = discounted_reverse_cumsum(local[:, 0].contiguous().view(1, rows), decay**width).view(rows)
     after_row = torch.nn.functional.pad(at_row_start[1:], (0, 1))
@@ -277,16 +297,24 @@ def gae(
     check_shape("values", values, (length,), "the response tokens")
     dtype = torch.promote_types(torch.promote_types(rewards.dtype, values.dtype), torch.float32)
     rewards, values = rewards.detach().to(dtype), values.detach().to(dtype)
-    next_values = torch.nn.functional.pad(values[1:], (0, 1))
-    next_values[responses.last] = 0.0
-    delta = next_values.mul_(gamma).add_(rewards).sub_(values)
     decay = gamma * lam
+    # delta_t = r_t + gamma * V_next - V_t, written into a buffer already folded for the discounted sum; its zero tail
+    # (at least one entry) adds nothing and reads as the sum after the last response.
+    folded = (length // FOLD_WIDTH + 1) * FOLD_WIDTH
+    delta = values.new_empty(folded)
+    delta[length:] = 0.0
+    torch.sub(rewards[:length], values, out=delta[:length])
+    delta[: length - 1].add_(values[1:], alpha=gamma)
+    # V_next after a response's last token is 0, not the next response's first value.
+    between = responses.last[:-1]
+    delta[between] -= gamma * values[between + 1]
     running = flat_discounted_reverse_cumsum(delta, decay)
-    at_next_start = torch.nn.functional.pad(running, (0, 1)).index_select(0, responses.next_start)
-    # decay^(e - t) for e - t = 1 .. the longest response, read from a table.
-    steps_before_end = responses.next_start - torch.arange(1, length + 1, device=delta.device)
+    # decay^(e - t) for e - t = 1 .. the longest response, read from a table, times the sum at e.
     powers = _decay_powers(float(decay), int(responses.lengths.max()), dtype, delta.device)
-    advantages = running.sub_(powers.index_select(0, steps_before_end).mul_(at_next_start))
+    at_next_start = torch.repeat_interleave(running[responses.cu_seqlens[1:]], responses.lengths,
+                                            output_size=length)
+    advantages = running[:length].addcmul_(powers.index_select(0, responses.steps_before_end), at_next_start,
+                                           value=-1.0)
     return advantages, values + advantages
 
 

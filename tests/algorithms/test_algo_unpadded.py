@@ -94,6 +94,16 @@ def test_bad_masks_are_refused_with_the_padded_messages():
     empty = torch.tensor([[False, False], [True, True]])
     with pytest.raises(ValueError, match="no response tokens"):
         up.UnpaddedResponses.from_masks(empty, torch.zeros_like(empty))
+    response = torch.tensor([[False, True, True, False], [True, True, True, True]])
+    early_eos = torch.tensor([[False, True, False, False], [False, False, False, True]])
+    with pytest.raises(ValueError, match=r"eos_mask rows \[0\] mark an EOS that is not the last response token"):
+        up.UnpaddedResponses.from_masks(response, early_eos)
+    two_eos = torch.tensor([[False, False, True, False], [False, False, True, True]])
+    with pytest.raises(ValueError, match=r"eos_mask rows \[1\] have more than one EOS"):
+        up.UnpaddedResponses.from_masks(response, two_eos)
+    outside = torch.tensor([[False, False, False, True], [False, False, False, False]])
+    with pytest.raises(ValueError, match=r"eos_mask rows \[0\] mark an EOS"):
+        up.UnpaddedResponses.from_masks(response, outside)
 
 
 @pytest.mark.parametrize("decay", [0.0, 0.5, 0.95, 1.0])
@@ -160,3 +170,16 @@ def test_unpadded_pipeline_equals_the_padded_pipeline(batch, mode):
     rewards = dense - 0.01 * kl
     got = responses.pad(up.whiten(up.gae(rewards, responses.unpad(critic), responses, 1.0, 0.95)[0]))
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_gae_when_the_tokens_fill_whole_folds():
+    """N a multiple of the fold width: the sum after the last response must still read as 0."""
+    mask = torch.ones(2, up.FOLD_WIDTH // 2, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(3)
+    rewards, values = torch.randn(mask.shape, generator=gen), torch.randn(mask.shape, generator=gen)
+    responses = up.UnpaddedResponses.from_masks(mask, torch.zeros_like(mask))
+    assert responses.num_tokens == up.FOLD_WIDTH
+    adv, ret = up.gae(responses.unpad(rewards), responses.unpad(values), responses, 0.99, 0.95)
+    expected = ppo.gae(rewards.double(), values.double(), mask, 0.99, 0.95)
+    torch.testing.assert_close((responses.pad(adv).double(), responses.pad(ret).double()), expected,
+                               rtol=1e-5, atol=1e-5)
