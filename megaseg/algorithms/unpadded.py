@@ -15,8 +15,9 @@ the tests hold both layouts to the same results and to the per-sequence loop ref
 - segment t of T sits at p = (t + 1) / T; the even split gives each of its tokens r_t / |a_t|;
 - GAE runs over each response alone, V = 0 after its last token.
 
-Host syncs: listing the response tokens and the segment ends (two ``nonzero``) and the finiteness checks; like the
-remove-padding paths of other trainers, the sizes N and K must be known to allocate.
+Host syncs: the numbers of response tokens N and segments K (listing the segment ends is a ``nonzero``), the longest
+response, and the validation checks; like the remove-padding paths of other trainers, N and K must be known to
+allocate.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class UnpaddedResponses:
     @cached_property
     def steps_before_end(self) -> torch.Tensor:
         """``[N]`` INDEX_DTYPE: for each token, the number of tokens of its response after it."""
-        last_flat = (self.index.index_select(0, self.last.to(INDEX_DTYPE)))
+        last_flat = self.index.index_select(0, self.last.to(INDEX_DTYPE))
         return torch.repeat_interleave(last_flat, self.lengths, output_size=self.num_tokens).sub_(self.index)
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
@@ -309,8 +310,10 @@ def gae(
     between = responses.last[:-1]
     delta[between] -= gamma * values[between + 1]
     running = flat_discounted_reverse_cumsum(delta, decay)
-    # decay^(e - t) for e - t = 1 .. the longest response, read from a table, times the sum at e.
-    powers = _decay_powers(float(decay), int(responses.lengths.max()), dtype, delta.device)
+    # decay^(e - t) for e - t = 1 .. the longest response, read from a table (sized to a power of two, so batches
+    # share it), times the sum at e.
+    table_size = 1 << (int(responses.lengths.max()) - 1).bit_length()
+    powers = _decay_powers(float(decay), table_size, dtype, delta.device)
     at_next_start = torch.repeat_interleave(running[responses.cu_seqlens[1:]], responses.lengths,
                                             output_size=length)
     advantages = running[:length].addcmul_(powers.index_select(0, responses.steps_before_end), at_next_start,
