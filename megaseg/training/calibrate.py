@@ -9,7 +9,8 @@ last segment reward), bandit (of the sequence rewards e(x, y)), none (identity).
 Calibration data: ``data.train_path`` (``--data``; by default the file the reward model was trained on, as in the
 paper), its first ``normalizer.num_samples`` pairs (``--num-samples``; None: all).
 
-Writes, into the reward-model directory (each file atomically, rank 0):
+Writes, into the reward-model directory, or beside ``normalizer.path`` named after it when that is set (each file
+atomically, rank 0):
     normalizer.json         ``Normalizer.to_dict()`` (kind, coefficients, R^2 of both fits, the per-p table, and the
                             metadata PPO checks: model, c_ent, aggregation, segmentation, num_samples) plus a
                             ``calibration`` record (data, pairs, reward-model step, segmentation details)
@@ -45,9 +46,6 @@ from megaseg.training.scoring_setup import (
     score_encoded_pairs,
     write_text_atomic,
 )
-
-PLOT_FILE = "normalizer.png"
-FIT_CONFIG_FILE = "normalizer_config.yaml"
 
 
 def normalizer_metadata(config: MegasegConfig) -> dict[str, Any]:
@@ -105,19 +103,27 @@ def _plot_title(normalizer: Normalizer, config: MegasegConfig, num_rewards: int)
             f"{config.rm.aggregation} aggregation): {num_rewards} segment rewards{r2}")
 
 
-def _write_outputs(scored: ScoredData, normalizer: Normalizer, data_path: str) -> NormalizerFit:
+def output_paths(config: MegasegConfig, rm_dir: Path) -> tuple[Path, Path, Path]:
+    """(normalizer, plot, fit config): ``normalizer.path`` when set, where PPO reads it too (a second normalizer of
+    the same reward model, for an ablation, must not replace the first), else ``<rm dir>/normalizer.json``; the plot
+    and the config beside it, named after it (``normalizer.png`` and ``normalizer_config.yaml`` by default)."""
     from megaseg.training.rm_checkpoint import normalizer_path
 
+    target = Path(config.normalizer.path) if config.normalizer.path is not None else normalizer_path(rm_dir)
+    return target, target.with_suffix(".png"), target.with_name(f"{target.stem}_config.yaml")
+
+
+def _write_outputs(scored: ScoredData, normalizer: Normalizer, data_path: str) -> NormalizerFit:
     config = scored.config
-    target = normalizer_path(scored.rm_dir)
+    target, plot_path, config_path = output_paths(config, scored.rm_dir)
     positions, rewards = scored.scores.calibration_samples()
     table = location_table(positions, rewards).to_dict()
     document = {**normalizer.to_dict(), "calibration": _calibration_record(scored, data_path)}
-    plot_path = target.with_name(PLOT_FILE)
     if is_rank_zero():
+        target.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(target, json.dumps(document, indent=2) + "\n")
         plot_normalizer(plot_path, table, normalizer, _plot_title(normalizer, config, int(rewards.size)))
-        write_text_atomic(target.with_name(FIT_CONFIG_FILE), config_to_yaml(config))
+        write_text_atomic(config_path, config_to_yaml(config))
     coefficients = {key: value for key, value in normalizer.params().items() if key != "table"}
     summary = {"normalizer": str(target), "plot": str(plot_path), "kind": normalizer.kind, **coefficients,
                **normalizer.metadata(), "num_pairs": scored.scores.num_pairs}

@@ -144,17 +144,15 @@ def normalizer_file(config: MegasegConfig, rm_dir: str | Path) -> Path:
 
 def fit_normalizer_command(plan: RewardPlan, rm_dir: str, rm_config: MegasegConfig, path: Path,
                            default_path: Path) -> str:
-    """The command line that writes the normalizer this run needs."""
+    """The command line that writes the normalizer this run needs, at ``path``."""
     data = rm_config.data.train_path or "<calibration preference file>"
     parts = [f"megaseg fit-normalizer --ckpt {rm_dir} --data {data}", f"normalizer.kind={plan.normalizer_kind}"]
     if plan.granularity == "bandit_as_segment":
         # A bandit RM calibrated where PPO will read it: at entropy segment ends.
         parts += ["segmentation.mode=entropy", f"segmentation.entropy_cutoff={plan.segmentation.entropy_cutoff:g}"]
-    command = " ".join(parts)
     if path != default_path:
-        # fit-normalizer writes <rm dir>/normalizer.json; a run reading another file needs a copy there.
-        command += f" && cp {default_path} {path}"
-    return command
+        parts.append(f"normalizer.path={path}")  # fit-normalizer writes there instead of <rm dir>/normalizer.json
+    return " ".join(parts)
 
 
 def expected_metadata(plan: RewardPlan, rm_config: MegasegConfig) -> dict[str, Any]:

@@ -82,14 +82,20 @@ def test_ols_on_a_subset_and_the_global_ablation(fixture):
         assert summary[f"b_{name}"] == pytest.approx(intercept, rel=1e-4, abs=1e-5)
     assert summary["num_pairs"] == 6 and summary["method"] == "ols"
 
-    result = run_cli("fit-normalizer", "--ckpt", str(root / "rm"), "normalizer.kind=global")
+    # A second normalizer of the same reward model goes where normalizer.path says (PPO reads it there), named after
+    # it, and leaves <rm>/normalizer.json alone.
+    second = root / "ablations" / "global.json"
+    result = run_cli("fit-normalizer", "--ckpt", str(root / "rm"), "normalizer.kind=global",
+                     f"normalizer.path={second}")
     assert result.returncode == 0, result.stderr[-3000:]  # no --data: the file the reward model was trained on
     summary = last_json_line(result.stdout)
     every_reward = np.concatenate([np.asarray(r) for r in reference["rewards"]])
-    assert summary["kind"] == "global"
+    assert summary["kind"] == "global" and summary["normalizer"] == str(second)
     assert summary["mean"] == pytest.approx(every_reward.mean(), rel=1e-4, abs=1e-5)
     assert summary["std"] == pytest.approx(every_reward.std(), rel=1e-4, abs=1e-5)
-    assert json.loads((root / "rm" / "normalizer.json").read_text())["kind"] == "global"
+    assert json.loads(second.read_text())["kind"] == "global"
+    assert (root / "ablations" / "global.png").is_file() and (root / "ablations" / "global_config.yaml").is_file()
+    assert json.loads((root / "rm" / "normalizer.json").read_text())["method"] == "ols"
 
 
 def test_bad_method_and_empty_calibration_data(fixture, tmp_path, capsys):
