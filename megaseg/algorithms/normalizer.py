@@ -48,6 +48,12 @@ from megaseg.algorithms.validation import check_choice
 METADATA_KEYS = ("model", "c_ent", "aggregation", "segmentation", "num_samples")
 
 
+def segmentation_label(mode: str, ngram_size: int | None = None) -> str:
+    """The ``segmentation`` a normalizer records: the mode name, with n for n-gram segments ("ngram-5"), whose
+    reward statistics depend on n as much as entropy segments' do on c_ent."""
+    return f"ngram-{ngram_size}" if mode == "ngram" else mode
+
+
 def _require(data: dict[str, Any], keys: tuple[str, ...], kind: str) -> None:
     for key in keys:
         if key not in data:

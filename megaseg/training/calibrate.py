@@ -33,6 +33,7 @@ from megaseg.algorithms.normalizer import (
     LastSegmentNormalizer,
     LocationNormalizer,
     Normalizer,
+    segmentation_label,
 )
 from megaseg.config import MegasegConfig, config_to_yaml
 from megaseg.training.normalizer_plot import plot_normalizer
@@ -52,7 +53,7 @@ def normalizer_metadata(config: MegasegConfig) -> dict[str, Any]:
     """What ties a normalizer to its reward model and segmentation (checked by PPO via ``check_compatible``)."""
     seg = config.segmentation
     return {"model": config.model.name, "c_ent": seg.entropy_cutoff if seg.mode == "entropy" else None,
-            "aggregation": config.rm.aggregation, "segmentation": seg.mode}
+            "aggregation": config.rm.aggregation, "segmentation": segmentation_label(seg.mode, seg.ngram_size)}
 
 
 def fit_from_scores(scores: PairScores, *, kind: str, method: str, metadata: dict[str, Any]) -> Normalizer:

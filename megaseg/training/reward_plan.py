@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megaseg.algorithms.normalizer import IdentityNormalizer, Normalizer, load_normalizer
+from megaseg.algorithms.normalizer import IdentityNormalizer, Normalizer, load_normalizer, segmentation_label
 from megaseg.config import MegasegConfig
 from megaseg.config.segmentation import SegmentationConfig
 
@@ -158,7 +158,8 @@ def fit_normalizer_command(plan: RewardPlan, rm_dir: str, rm_config: MegasegConf
 def expected_metadata(plan: RewardPlan, rm_config: MegasegConfig) -> dict[str, Any]:
     """The calibration metadata a matching normalizer carries (see megaseg.algorithms.normalizer)."""
     c_ent = plan.segmentation.entropy_cutoff if plan.segmentation.mode == "entropy" else None
-    return {"model": rm_config.model.name, "segmentation": plan.segmentation.mode, "c_ent": c_ent,
+    segmentation = segmentation_label(plan.segmentation.mode, plan.segmentation.ngram_size)
+    return {"model": rm_config.model.name, "segmentation": segmentation, "c_ent": c_ent,
             "aggregation": plan.aggregation}
 
 
@@ -172,7 +173,7 @@ def load_matching_normalizer(plan: RewardPlan, config: MegasegConfig, rm_config:
     """
     if plan.normalizer_kind == "none":
         return IdentityNormalizer(model=rm_config.model.name, c_ent=None, aggregation=plan.aggregation,
-                                  segmentation=plan.segmentation.mode)
+                                  segmentation=segmentation_label(plan.segmentation.mode, plan.segmentation.ngram_size))
     path = normalizer_file(config, rm_dir)
     default_path = normalizer_file(MegasegConfig(), rm_dir)  # where fit-normalizer writes
     command = fit_normalizer_command(plan, rm_dir, rm_config, path, default_path)

@@ -73,6 +73,20 @@ def test_mismatched_normalizer_is_refused(tmp_path, saved, needed):
                                  tmp_path)
 
 
+def test_ngram_normalizer_must_match_n(tmp_path):
+    """A normalizer of 2-gram segment rewards does not describe 5-gram ones (the statistics depend on n)."""
+    settings = ("segmentation.mode=ngram", "segmentation.ngram_size=5")
+    config = tiny_config(*settings, "ppo.reward_granularity=ngram")
+    plan, rm_config = resolve_reward_plan(config), _rm_config(*settings)
+    _location(model="tiny-llama", c_ent=None, aggregation="mean", segmentation="ngram-2").save(
+        tmp_path / "normalizer.json")
+    with pytest.raises(ValueError, match="segmentation: file has 'ngram-2', run needs 'ngram-5'"):
+        load_matching_normalizer(plan, config, rm_config, tmp_path)
+    _location(model="tiny-llama", c_ent=None, aggregation="mean", segmentation="ngram-5").save(
+        tmp_path / "normalizer.json")
+    assert load_matching_normalizer(plan, config, rm_config, tmp_path).segmentation == "ngram-5"
+
+
 def test_wrong_kind_and_bad_json_are_refused(tmp_path):
     config = tiny_config("segmentation.entropy_cutoff=2.0")
     GlobalNormalizer(mean=0.0, std=1.0, model="tiny-llama", c_ent=2.0, aggregation="mean",

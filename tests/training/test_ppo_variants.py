@@ -41,7 +41,7 @@ def _normalizer_file(plan, rm_config, rm_dir: Path) -> None:
     import numpy as np
 
     from megaseg.algorithms.normalizer import (BanditNormalizer, GlobalNormalizer, LastSegmentNormalizer,
-                                               LocationNormalizer)
+                                               LocationNormalizer, segmentation_label)
     from megaseg.training.reward_plan import NORMALIZER_FILE_KINDS
 
     if plan.normalizer_kind == "none":
@@ -51,7 +51,7 @@ def _normalizer_file(plan, rm_config, rm_dir: Path) -> None:
     r = 0.5 * np.log(p) + rng.normal(0.0, 1.0, p.size)
     seg = plan.segmentation
     metadata = dict(model=rm_config.model.name, c_ent=seg.entropy_cutoff if seg.mode == "entropy" else None,
-                    aggregation=plan.aggregation, segmentation=seg.mode)
+                    aggregation=plan.aggregation, segmentation=segmentation_label(seg.mode, seg.ngram_size))
     cls = {"location": LocationNormalizer, "global": GlobalNormalizer, "last_segment": LastSegmentNormalizer,
            "bandit": BanditNormalizer}[NORMALIZER_FILE_KINDS[plan.normalizer_kind]]
     cls.fit(p, r, **metadata).save(rm_dir / "normalizer.json")
