@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from megaseg.algorithms import normalizer as nz
-from megaseg.algorithms import ppo
+from megaseg.algorithms import ppo, unpadded
 from megaseg.algorithms.aggregation import aggregate_packed_rewards, aggregate_segment_rewards, packed_segment_rewards
 from megaseg.algorithms.interpolation import packed_token_rewards, token_rewards
 from megaseg.algorithms.masking import any_true, count_true, zero_outside, zero_outside_
@@ -185,8 +185,9 @@ def test_contiguous_gae_refuses_a_mask_with_holes():
 
 # ----------------------------------------------------------------------------------------------------- pipeline
 @given(batches(max_batch=4, max_seq=40), st.sampled_from(MODES))
-def test_packed_pipeline_equals_token_pipeline(batch, mode):
-    """The benchmark's path (layout, packed rewards, contiguous GAE) and the per-function token path agree."""
+def test_packed_and_unpadded_pipelines_equal_token_pipeline(batch, mode):
+    """The benchmark's two paths (layout, packed rewards, contiguous GAE; and the unpadded one) and the per-function
+    token path agree."""
     normalizer = nz.LocationNormalizer(w_mu=0.7668, b_mu=0.4705, w_sigma=0.2569, b_sigma=2.8339, p_min=0.01, **META)
     response = batch.response_mask
     gen = torch.Generator().manual_seed(0)
@@ -203,4 +204,13 @@ def test_packed_pipeline_equals_token_pipeline(batch, mode):
     dense = packed_token_rewards(normalized, layout, "even").clamp_(-10, 10)
     rewards = ppo.kl_penalized_rewards(dense, logp, ref_logp, response, 0.01)
     got = ppo.masked_whiten(ppo.gae(rewards, critic, response, 1.0, 0.95, contiguous=True)[0], response)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+    responses = unpadded.UnpaddedResponses.from_masks(response, batch.eos_mask)
+    segments = unpadded.UnpaddedSegments.from_ends(responses.unpad(ends), responses)
+    normalized = unpadded.normalize(normalizer, segments.at_ends(responses.unpad(batch.values)), segments)
+    dense = segments.token_rewards(normalized, "even").clamp_(-10, 10)
+    rewards = dense - 0.01 * ppo.kl_penalty(responses.unpad(logp), responses.unpad(ref_logp), "k1")
+    advantages, _ = unpadded.gae(rewards, responses.unpad(critic), responses, 1.0, 0.95)
+    got = responses.pad(unpadded.whiten(advantages))
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

@@ -8,7 +8,6 @@ from algo_strategies import batches
 from hypothesis import given
 from hypothesis import strategies as st
 
-from megaseg.algorithms import normalizer as nz
 from megaseg.algorithms import ppo
 from megaseg.algorithms import unpadded as up
 from megaseg.algorithms.aggregation import aggregate_segment_rewards
@@ -22,7 +21,6 @@ from megaseg.algorithms.segmentation import (
 )
 
 MODES = ["entropy", "bandit", "token", "sentence", "ngram"]
-META = {"model": "tiny", "c_ent": 1.75, "aggregation": "mean", "segmentation": "entropy"}
 
 
 def _ends(batch, mode):
@@ -147,29 +145,6 @@ def test_gae_in_fp32_over_long_responses_stays_close_to_fp64():
     adv, _ = up.gae(responses.unpad(rewards), responses.unpad(values), responses, 1.0, 0.95)
     exact, _ = ppo.gae(rewards.double(), values.double(), mask, 1.0, 0.95)
     torch.testing.assert_close(responses.pad(adv).double(), exact, rtol=1e-5, atol=1e-5)
-
-
-@given(batches(max_batch=4, max_seq=40), st.sampled_from(MODES))
-def test_unpadded_pipeline_equals_the_padded_pipeline(batch, mode):
-    normalizer = nz.LocationNormalizer(w_mu=0.7668, b_mu=0.4705, w_sigma=0.2569, b_sigma=2.8339, p_min=0.01, **META)
-    response = batch.response_mask
-    gen = torch.Generator().manual_seed(0)
-    logp, ref_logp, critic = (torch.randn(response.shape, generator=gen, dtype=torch.float64) for _ in range(3))
-    ends = _ends(batch, mode)
-
-    positions = segment_positions(ends, response).double()
-    dense = token_rewards(normalizer(batch.values, positions), ends, response, "even").clamp(-10, 10)
-    rewards = ppo.kl_penalized_rewards(dense, logp, ref_logp, response, 0.01)
-    expected = ppo.masked_whiten(ppo.gae(rewards, critic, response, 1.0, 0.95)[0], response)
-
-    responses = _responses(batch)
-    segments = up.UnpaddedSegments.from_ends(responses.unpad(ends), responses)
-    normalized = up.normalize(normalizer, segments.at_ends(responses.unpad(batch.values)), segments)
-    dense = segments.token_rewards(normalized, "even").clamp_(-10, 10)
-    kl = ppo.kl_penalty(responses.unpad(logp), responses.unpad(ref_logp), "k1")
-    rewards = dense - 0.01 * kl
-    got = responses.pad(up.whiten(up.gae(rewards, responses.unpad(critic), responses, 1.0, 0.95)[0]))
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_gae_when_the_tokens_fill_whole_folds():
