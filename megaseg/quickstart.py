@@ -86,7 +86,7 @@ def _check_single_process() -> None:
 
 def run_pipeline(config: MegasegConfig) -> dict[str, Any]:
     """All phases; returns the summary (also written to <out>/quickstart.json)."""
-    from megaseg.parallel import destroy_parallel, initialize_parallel
+    from megaseg.parallel import parallel_session
     from megaseg.training.calibrate import fit_normalizer
     from megaseg.training.evaluate import evaluate_reward_model
     from megaseg.training.rm import absolute_local_paths, run_reward_model_training
@@ -98,8 +98,7 @@ def run_pipeline(config: MegasegConfig) -> dict[str, Any]:
     start = time.perf_counter()
     config = prepare_model(config, out_dir)
     seconds["model"] = time.perf_counter() - start
-    parallel_ctx = initialize_parallel(config.parallel, config.seed, fp8=config.model.fp8)
-    try:
+    with parallel_session(config) as parallel_ctx:
         phase_start = time.perf_counter()
         _say("train_rm: segment the pairs with the SFT model's entropies, then train the reward model")
         trained = run_reward_model_training(config, parallel_ctx)
@@ -114,8 +113,6 @@ def run_pipeline(config: MegasegConfig) -> dict[str, Any]:
         _say("evaluate: accuracy on the held-out slice")
         evaluation = evaluate_reward_model(_with_reward_model(config, trained.reward_model), parallel_ctx)
         seconds["evaluate"] = time.perf_counter() - phase_start
-    finally:
-        destroy_parallel()
     seconds["total"] = time.perf_counter() - start
     summary = {
         "reward_model": str(trained.reward_model),

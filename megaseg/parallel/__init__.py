@@ -12,7 +12,7 @@ Typical use, in a trainer or a distributed test (``run_distributed`` spawns gloo
     destroy_parallel()
 """
 from megaseg.parallel.cpu_compat import apply_cpu_compat, cuda_device_redirect, is_cpu_only
-from megaseg.parallel.initialize import ParallelContext, destroy_parallel, initialize_parallel
+from megaseg.parallel.initialize import ParallelContext, destroy_parallel, initialize_parallel, parallel_session
 from megaseg.parallel.launch_env import LaunchEnv, expand_hostlist, first_host, read_launch_env
 from megaseg.parallel.vocab_parallel import vocab_parallel_entropy, vocab_parallel_log_probs
 
@@ -23,6 +23,7 @@ __all__ = [
     "ParallelContext",
     "initialize_parallel",
     "destroy_parallel",
+    "parallel_session",
     "LaunchEnv",
     "read_launch_env",
     "expand_hostlist",

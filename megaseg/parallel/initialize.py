@@ -9,12 +9,14 @@ that object as arguments instead of reaching into ``parallel_state`` globals.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -23,6 +25,9 @@ import torch.distributed as dist
 from megaseg.config.parallel import ParallelConfig
 from megaseg.parallel.cpu_compat import apply_cpu_compat, is_cpu_only
 from megaseg.parallel.launch_env import LaunchEnv, read_launch_env
+
+if TYPE_CHECKING:
+    from megaseg.config import MegasegConfig
 
 logger = logging.getLogger(__name__)
 
@@ -267,6 +272,21 @@ def initialize_parallel(
     )
     seed_everything(seed, ps.get_pipeline_model_parallel_rank())
     return _build_context(launch, device, backend, seed)
+
+
+@contextlib.contextmanager
+def parallel_session(config: MegasegConfig, parallel_ctx: Optional[ParallelContext] = None
+                     ) -> Iterator[ParallelContext]:
+    """``parallel_ctx`` itself when given (the caller owns it and tears it down); else ``initialize_parallel`` from
+    the config's parallel section, seed and fp8, and ``destroy_parallel`` when the block exits, however it exits."""
+    if parallel_ctx is not None:
+        yield parallel_ctx
+        return
+    context = initialize_parallel(config.parallel, config.seed, fp8=config.model.fp8)
+    try:
+        yield context
+    finally:
+        destroy_parallel()
 
 
 def destroy_parallel() -> None:

@@ -42,7 +42,6 @@ from megaseg.training.scoring_setup import (
     ScoredData,
     encode_pairs_file,
     is_rank_zero,
-    parallel_session,
     reward_model_config,
     score_encoded_pairs,
     write_text_atomic,
@@ -146,6 +145,8 @@ def fit_normalizer(command_config: MegasegConfig, parallel_ctx: Any = None) -> N
     limits = [n for n in (config.normalizer.num_samples, config.data.max_samples) if n is not None]
     # Bad data fails here, before any process group or model exists.
     encoded = encode_pairs_file(config, data_path, min(limits) if limits else None)
+    from megaseg.parallel import parallel_session
+
     with parallel_session(config, parallel_ctx) as context:
         scored = score_encoded_pairs(config, rm_dir, encoded, context)
         normalizer = fit_from_scores(scored.scores, kind=config.normalizer.kind, method=config.normalizer.method,

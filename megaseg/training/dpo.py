@@ -35,13 +35,10 @@ class DPOResult:
 
 def train_dpo(config: MegasegConfig) -> int:
     """CLI entry: set up the process groups, train, tear down. Returns the exit code."""
-    from megaseg.parallel import destroy_parallel, initialize_parallel
+    from megaseg.parallel import parallel_session
 
-    parallel_ctx = initialize_parallel(config.parallel, config.seed, fp8=config.model.fp8)
-    try:
+    with parallel_session(config) as parallel_ctx:
         run_dpo(config, parallel_ctx)
-    finally:
-        destroy_parallel()
     return 0
 
 

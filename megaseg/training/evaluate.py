@@ -24,7 +24,6 @@ from megaseg.training.scoring_setup import (
     chat_renderer,
     encode_pairs_file,
     is_rank_zero,
-    parallel_session,
     reward_model_config,
     score_encoded_pairs,
     write_text_atomic,
@@ -75,6 +74,8 @@ def evaluate_reward_model(command_config: MegasegConfig, parallel_ctx: Any = Non
     one from the config and tear it down after. Collective; every rank gets the metrics."""
     rm_dir, config = reward_model_config(command_config)
     encoded, source = evaluation_pairs(config)  # bad data fails here, before any process group or model exists
+    from megaseg.parallel import parallel_session
+
     with parallel_session(config, parallel_ctx) as context:
         scored = score_encoded_pairs(config, rm_dir, encoded, context)
         return evaluation_metrics(scored, source)

@@ -41,14 +41,10 @@ class PPOResult:
 
 def train_ppo(config: MegasegConfig) -> int:
     """CLI entry: set up the process groups, run PPO, tear down. Returns the exit code."""
-    from megaseg.parallel import destroy_parallel, initialize_parallel
+    from megaseg.parallel import parallel_session
 
-    parallel_ctx = initialize_parallel(config.parallel, config.seed, fp8=config.model.fp8)
-    try:
-        run = build_ppo_run(config, parallel_ctx)
-        run_ppo(run)
-    finally:
-        destroy_parallel()
+    with parallel_session(config) as parallel_ctx:
+        run_ppo(build_ppo_run(config, parallel_ctx))
     return 0
 
 

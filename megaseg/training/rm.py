@@ -66,15 +66,12 @@ class RewardModelResult:
 
 def train_reward_model(config: MegasegConfig) -> int:
     """CLI entry (`megaseg train-rm`): set up the process groups, train, tear down. Returns the exit code."""
-    from megaseg.parallel import destroy_parallel, initialize_parallel
+    from megaseg.parallel import parallel_session
 
-    parallel_ctx = initialize_parallel(config.parallel, config.seed, fp8=config.model.fp8)
-    try:
+    with parallel_session(config) as parallel_ctx:
         result = run_reward_model_training(config, parallel_ctx)
         if parallel_ctx.is_rank_zero:  # the last line of output: one JSON object, for scripts
             print(json.dumps(result.summary()), flush=True)
-    finally:
-        destroy_parallel()
     return 0
 
 

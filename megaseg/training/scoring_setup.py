@@ -10,11 +10,9 @@ on. The model architecture always comes from the checkpoint (the weights decide 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,21 +134,6 @@ def score_encoded_pairs(config: MegasegConfig, rm_dir: Path, encoded: EncodedPai
     scores = score_pairs(model, encoded.pairs, segmented, parallel_ctx, aggregation=config.rm.aggregation,
                          micro_batch_size=config.rm.scoring_micro_batch_size)
     return ScoredData(config=config, rm_dir=rm_dir, encoded=encoded, segmented=segmented, scores=scores)
-
-
-@contextlib.contextmanager
-def parallel_session(config: MegasegConfig, parallel_ctx: Any = None) -> Iterator[Any]:
-    """``parallel_ctx`` itself when given (the caller owns it); else initialise from ``config`` and tear down after."""
-    if parallel_ctx is not None:
-        yield parallel_ctx
-        return
-    from megaseg.parallel import destroy_parallel, initialize_parallel
-
-    context = initialize_parallel(config.parallel, config.seed, fp8=config.model.fp8)
-    try:
-        yield context
-    finally:
-        destroy_parallel()
 
 
 def is_rank_zero() -> bool:

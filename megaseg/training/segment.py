@@ -437,12 +437,11 @@ def run_segmentation(config: MegasegConfig) -> int:
     from megaseg.data.rendering import ChatTemplateRenderer
     from megaseg.data.splits import load_preference_splits
     from megaseg.data.tokenizer import load_tokenizer
-    from megaseg.parallel import destroy_parallel, initialize_parallel
+    from megaseg.parallel import parallel_session
 
     if config.model.tokenizer is None:
         raise ValueError("model.tokenizer is not set; give the local tokenizer directory or GGUF file of the model")
-    parallel_ctx = initialize_parallel(config.parallel, config.seed, fp8=config.model.fp8)
-    try:
+    with parallel_session(config) as parallel_ctx:
         tokenizer = load_tokenizer(config.model.tokenizer)
         renderer = ChatTemplateRenderer(tokenizer, config.model.eos_token_ids)
         train, evaluation = load_preference_splits(config.data, renderer, config.seed)
@@ -452,6 +451,4 @@ def run_segmentation(config: MegasegConfig) -> int:
         if evaluation is not None:
             summary["eval"], _ = _segment_split(config, "eval", evaluation, parallel_ctx, sft_model, tokenizer)
         _print0(json.dumps(summary))
-    finally:
-        destroy_parallel()
     return 0
