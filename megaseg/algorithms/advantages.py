@@ -36,7 +36,7 @@ from megaseg.algorithms.validation import check_2d, check_bool, check_contiguous
 DEFAULT_BLOCK_SIZE = 32
 
 
-def _decay_powers(exponents: torch.Tensor, decay: float) -> torch.Tensor:
+def decay_powers(exponents: torch.Tensor, decay: float) -> torch.Tensor:
     """decay ** exponents in fp64 for integer exponents >= 0 (0 ** 0 = 1, so decay = 0 keeps only the diagonal)."""
     return torch.pow(torch.tensor(decay, dtype=torch.float64, device=exponents.device), exponents.double())
 
@@ -51,11 +51,11 @@ def _filter_matrices(
     i = torch.arange(block_size, device=device)
     # within[j, i] = decay^(j - i) for j >= i: local_i = sum_j x_j within[j, i].
     gaps = i[:, None] - i[None, :]
-    within = torch.where(gaps >= 0, _decay_powers(gaps.clamp(min=0), decay), 0.0)
+    within = torch.where(gaps >= 0, decay_powers(gaps.clamp(min=0), decay), 0.0)
     n = torch.arange(num_blocks, device=device)
     block_gaps = n[:, None] - n[None, :] - 1  # [m, n]: m - n - 1, >= 0 for later blocks m > n
-    carry = torch.where(block_gaps >= 0, _decay_powers(block_size * block_gaps.clamp(min=0), decay), 0.0)
-    into_block = _decay_powers(block_size - i, decay)
+    carry = torch.where(block_gaps >= 0, decay_powers(block_size * block_gaps.clamp(min=0), decay), 0.0)
+    into_block = decay_powers(block_size - i, decay)
     return within.to(dtype), carry.to(dtype), into_block.to(dtype)
 
 

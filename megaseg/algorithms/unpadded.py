@@ -27,7 +27,7 @@ from functools import cached_property, lru_cache
 
 import torch
 
-from megaseg.algorithms.advantages import discounted_reverse_cumsum
+from megaseg.algorithms.advantages import decay_powers, discounted_reverse_cumsum
 from megaseg.algorithms.interpolation import INTERPOLATION_MODES
 from megaseg.algorithms.masking import count_true
 from megaseg.algorithms.normalizer import Normalizer
@@ -252,14 +252,13 @@ def _token_segments(
 @lru_cache(maxsize=8)
 def _fold_carry_weights(decay: float, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``[width]``: decay^(width - i), the weight of the next row's first sum at column i of a folded row."""
-    return _decay_powers(decay, width, dtype, device).flip(0)
+    return _decay_power_table(decay, width, dtype, device).flip(0)
 
 
 @lru_cache(maxsize=8)
-def _decay_powers(decay: float, count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[count]``: decay^1, ..., decay^count (computed in fp64; read-only, cached)."""
-    exponents = torch.arange(1, count + 1, device=device, dtype=torch.float64)
-    return torch.pow(torch.tensor(decay, dtype=torch.float64, device=device), exponents).to(dtype)
+def _decay_power_table(decay: float, count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[count]``: decay^1, ..., decay^count (read-only, cached)."""
+    return decay_powers(torch.arange(1, count + 1, device=device), decay).to(dtype)
 
 
 def flat_discounted_reverse_cumsum(x: torch.Tensor, decay: float, width: int = FOLD_WIDTH) -> torch.Tensor:
@@ -313,7 +312,7 @@ def gae(
     # decay^(e - t) for e - t = 1 .. the longest response, read from a table (sized to a power of two, so batches
     # share it), times the sum at e.
     table_size = 1 << (int(responses.lengths.max()) - 1).bit_length()
-    powers = _decay_powers(float(decay), table_size, dtype, delta.device)
+    powers = _decay_power_table(float(decay), table_size, dtype, delta.device)
     at_next_start = torch.repeat_interleave(running[responses.cu_seqlens[1:]], responses.lengths,
                                             output_size=length)
     advantages = running[:length].addcmul_(powers.index_select(0, responses.steps_before_end), at_next_start,
