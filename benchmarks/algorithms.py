@@ -51,7 +51,7 @@ from megaseg.algorithms import unpadded  # noqa: E402
 from megaseg.algorithms.aggregation import aggregate_packed_rewards, packed_segment_rewards  # noqa: E402
 from megaseg.algorithms.interpolation import packed_token_rewards  # noqa: E402
 from megaseg.algorithms.normalizer import LocationNormalizer  # noqa: E402
-from megaseg.algorithms.ppo import gae, kl_penalized_rewards, kl_penalty, masked_whiten  # noqa: E402
+from megaseg.algorithms.ppo import gae, kl_from_log_ratio, kl_penalized_rewards, masked_whiten  # noqa: E402
 from megaseg.algorithms.segmentation import SegmentLayout, entropy_segment_ends  # noqa: E402
 
 CUTOFF, KL_COEF, GAMMA, LAM, CLAMP = 1.75, 0.01, 1.0, 0.95, 10.0
@@ -108,14 +108,14 @@ def unpadded_pipeline(r: dict[str, torch.Tensor]) -> torch.Tensor:
     responses = unpadded.UnpaddedResponses.from_masks(r["response_mask"], r["eos_mask"])
     ends = unpadded.entropy_segment_ends(responses.unpad(r["entropy"]), responses, CUTOFF)
     segments = unpadded.UnpaddedSegments.from_ends(ends, responses, validate=False)  # entropy ends: T >= 1 always
-    rewards = segments.at_ends(responses.unpad(r["values"]))
+    rewards = segments.at_ends(r["values"])  # read at the K ends straight from the padded head output
     segments.mean(rewards)  # e(x, y), logged by the trainer
     normalized = unpadded.normalize(NORMALIZER, rewards, segments)
     dense = segments.token_rewards(normalized, "even").clamp_(-CLAMP, CLAMP)
-    kl = kl_penalty(responses.unpad(r["logp"]), responses.unpad(r["ref_logp"]), "k1")
+    kl = kl_from_log_ratio(responses.unpad(r["logp"] - r["ref_logp"]), "k1")  # one gather instead of two
     rewards = kl.mul_(-KL_COEF).add_(dense)
     advantages, _ = unpadded.gae(rewards, responses.unpad(r["critic"]), responses, GAMMA, LAM)
-    return responses.pad(unpadded.whiten(advantages))
+    return responses.pad(unpadded.whiten(advantages, responses))
 
 
 def loop_pipeline(r: dict[str, list], rows: list[int]) -> list[list[float]]:

@@ -59,6 +59,17 @@ def _filter_matrices(
     return within.to(dtype), carry.to(dtype), into_block.to(dtype)
 
 
+def block_reverse_sums(blocks: torch.Tensor, decay: float) -> torch.Tensor:
+    """y[m, i] = sum_{j >= i} decay^(j - i) blocks[m, j]: the discounted reverse sums inside each row of a
+    ``[rows, block]`` tensor (one matmul with a cached constant matrix; ``y[:, 0]`` is each row's sum discounted to
+    its start). On GPU it runs and returns fp64, as ``discounted_reverse_cumsum`` does (TF32 would round the weights);
+    on CPU the dtype of ``blocks``."""
+    if blocks.is_cuda:
+        blocks = blocks.double()
+    within, _, _ = _filter_matrices(float(decay), blocks.shape[1], 1, blocks.dtype, blocks.device)
+    return blocks @ within
+
+
 def discounted_reverse_cumsum(x: torch.Tensor, decay: float, block_size: int = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
     """y_t = sum_{k >= t} decay^(k - t) x_k along the last dimension of a [batch, seq] tensor, decay in [0, 1].
 
@@ -74,8 +85,8 @@ def discounted_reverse_cumsum(x: torch.Tensor, decay: float, block_size: int = D
     pad = num_blocks * block_size - seq
     if pad:
         x = torch.cat([x, x.new_zeros(batch, pad)], dim=1)  # zeros contribute nothing
-    within, carry, into_block = _filter_matrices(float(decay), block_size, num_blocks, x.dtype, x.device)
-    local = x.view(batch, num_blocks, block_size) @ within
+    _, carry, into_block = _filter_matrices(float(decay), block_size, num_blocks, x.dtype, x.device)
+    local = block_reverse_sums(x.view(batch * num_blocks, block_size), decay).view(batch, num_blocks, block_size)
     # local[..., 0] is each block's sum discounted to its start; carry it back into the earlier blocks.
     tail = local[..., 0] @ carry
     out = local.addcmul_(tail[..., None], into_block)

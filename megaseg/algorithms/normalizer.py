@@ -10,6 +10,8 @@ All normalizers share one interface:
   normalizers only) normalizes every entry, e.g. a ``[batch]`` tensor of sequence rewards;
 - ``normalizer.normalize_packed(rewards, num_segments)`` on packed segment rewards (``SegmentLayout.pack``: segment
   t of a row in column t, p = (t + 1) / T), the same values without a per-entry position tensor;
+- ``normalizer.normalize_segments(rewards, positions)`` on a list of segment rewards with their p (the unpadded
+  layout), the same values without the masking (every entry is a segment reward);
 - ``to_dict()`` / ``from_dict()`` JSON-able, with the metadata that ties a normalizer to the reward model it was
   calibrated on (model, c_ent, aggregation, segmentation), so PPO can refuse a mismatched one
   (``check_compatible``). ``normalizer_from_dict`` dispatches on the ``"kind"`` field.
@@ -145,6 +147,15 @@ class Normalizer:
             return out
         return zero_outside(out, positions > 0)
 
+    def normalize_segments(self, rewards: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``self(rewards, positions)`` for a list of segment rewards, each at its location p in (0, 1] (no entry is
+        a non-segment one, so none is masked), in at least fp32."""
+        if positions.shape != rewards.shape:
+            raise ValueError(
+                f"positions has shape {tuple(positions.shape)} but rewards has shape {tuple(rewards.shape)}"
+            )
+        return self._normalize(rewards.to(torch.promote_types(rewards.dtype, torch.float32)), positions)
+
     def normalize_packed(self, rewards: torch.Tensor, num_segments: torch.Tensor) -> torch.Tensor:
         """Normalized packed segment rewards, in at least fp32, 0 in the columns t >= T.
 
@@ -259,10 +270,9 @@ class LocationNormalizer(Normalizer):
     def _normalize(self, rewards: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         if positions is None:
             raise ValueError("LocationNormalizer needs the segment locations p (positions) of the rewards")
-        log_p = torch.log(positions.to(rewards.dtype).clamp(min=self.p_min, max=1.0) + LOG_EPS)
-        mean = self.w_mu * log_p + self.b_mu
-        std = self.w_sigma * log_p + self.b_sigma
-        return (rewards - mean) / std
+        log_p = positions.to(rewards.dtype).clamp(min=self.p_min, max=1.0).add_(LOG_EPS).log_()
+        centered = torch.sub(rewards, log_p, alpha=self.w_mu).sub_(self.b_mu)  # r - Mean(p)
+        return centered.div_(log_p.mul_(self.w_sigma).add_(self.b_sigma))  # / Std(p)
 
     def normalize_packed(self, rewards: torch.Tensor, num_segments: torch.Tensor) -> torch.Tensor:
         """``Normalizer.normalize_packed`` with log p = log(t + 1) - log T: a log per column and one per row rather

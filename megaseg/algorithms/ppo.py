@@ -26,9 +26,14 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> 
     k1 = logp - ref_logp (unbiased, can be negative); k2 = 0.5 (logp - ref_logp)^2; k3 = exp(ref - logp) - 1 -
     (ref - logp) (unbiased, >= 0, Schulman's estimator); abs = |logp - ref_logp|.
     """
-    check_choice("KL estimator", kind, KL_ESTIMATORS)
     check_shape("ref_logp", ref_logp, logp.shape, "logp")
-    log_ratio = logp - ref_logp
+    return kl_from_log_ratio(logp - ref_logp, kind)
+
+
+def kl_from_log_ratio(log_ratio: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """``kl_penalty`` from log_ratio = logp - ref_logp (every estimator is a function of it), e.g. computed once on
+    the padded batch before the response tokens are gathered."""
+    check_choice("KL estimator", kind, KL_ESTIMATORS)
     if kind == "k1":
         return log_ratio
     if kind == "k2":

@@ -1,12 +1,20 @@
-"""The reward pipeline on unpadded response tokens: each per-token step touches the N response tokens of a batch, not
-its whole ``[batch, seq]`` grid.
+"""The reward pipeline on unpadded response tokens: each per-token step touches the response tokens of a batch (and a
+few pad slots), not its whole ``[batch, seq]`` grid.
 
 A rollout batch is right-padded ``[batch, seq]`` with the prompt in front of each response, so much of it is prompt
 or padding (40% response tokens in benchmarks/algorithms.py's batch). ``UnpaddedResponses`` lists the response tokens
-of every row end to end, response b in ``cu_seqlens[b]:cu_seqlens[b + 1]`` (megatron's packed-sequence "THD" layout,
-verl's remove-padding); ``UnpaddedSegments`` lists the K segments of those responses the same way, segment by segment.
-Per-token steps then cost a pass over N entries, per-segment steps a pass over K (about N / 6 at c_ent 1.75), and the
-pipeline costs a few passes over ``[batch, seq]`` only to unpad its inputs and pad its outputs.
+of every row end to end in *slots*: response b fills slots ``starts[b] : starts[b] + lengths[b]`` and is followed by
+1 to ``SLOT_ALIGN`` pad slots, so that the next response starts at a multiple of ``SLOT_ALIGN`` (megatron's packed
+"THD" layout with padded sequence starts, TransformerEngine's ``cu_seqlens_padded``). Pad slots hold 0 in every
+tensor this module returns. ``UnpaddedSegments`` lists the K segments of those responses, response by response.
+Per-token steps cost a pass over the slots (about 1.02 N for N response tokens at seq 2048), per-segment steps a pass
+over K (about N / 6 at c_ent 1.75), and the pipeline costs a few passes over ``[batch, seq]`` only to unpad its inputs
+and pad its outputs.
+
+Why the alignment: GAE is a discounted reverse sum over each response alone. With every response starting on a block
+of ``SLOT_ALIGN`` slots, no block holds two responses, so one matmul gives the sums inside every block and a small
+per-response scan over the block sums (a ``[batch, blocks]`` grid) carries them back; nothing leaks from one response
+into the one before it, so there is nothing to subtract. The pad slot after each response is its V_next = 0.
 
 Conventions are those of the padded functions (segmentation.py, segments.py, interpolation.py, advantages.py), and
 the tests hold both layouts to the same results and to the per-sequence loop reference:
@@ -15,44 +23,52 @@ the tests hold both layouts to the same results and to the per-sequence loop ref
 - segment t of T sits at p = (t + 1) / T; the even split gives each of its tokens r_t / |a_t|;
 - GAE runs over each response alone, V = 0 after its last token.
 
-Host syncs: the numbers of response tokens N and segments K (listing the segment ends is a ``nonzero``), the longest
-response, and the validation checks; like the remove-padding paths of other trainers, N and K must be known to
-allocate.
+Host syncs: the number of slots and of segments K (listing the segment ends is a ``nonzero``), the longest response,
+and the validation checks; like the remove-padding paths of other trainers, sizes must be known to allocate.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 import torch
 
-from megaseg.algorithms.advantages import decay_powers, discounted_reverse_cumsum
+from megaseg.algorithms.advantages import block_reverse_sums, decay_powers, discounted_reverse_cumsum
 from megaseg.algorithms.interpolation import INTERPOLATION_MODES
-from megaseg.algorithms.masking import count_true
+from megaseg.algorithms.masking import count_true, zero_outside, zero_outside_
 from megaseg.algorithms.normalizer import Normalizer
-from megaseg.algorithms.ppo import moments_to_mean_var
 from megaseg.algorithms.segments import INDEX_DTYPE
 from megaseg.algorithms.validation import check_choice, check_finite, check_masks, check_nonnegative_float, check_shape
 
-# Width of the rows the flat discounted sum is folded into: the padded filter's cached matrices for this length are
-# reused for every batch, and the carry between rows is a second, short filter.
-FOLD_WIDTH = 2048
+# Every response starts at a multiple of this many slots; it is also the block of GAE's within-block matmul
+# ([slots / 16, 16] x [16, 16] was faster on CPU than blocks of 32 or 8 at 64 x 2048).
+SLOT_ALIGN = 16
 
 
 @dataclass(frozen=True, eq=False)
 class UnpaddedResponses:
-    """The response tokens of a ``[batch, seq]`` batch, listed row by row (see module docstring).
+    """The response tokens of a ``[batch, seq]`` batch in aligned slots (see module docstring).
 
-    Build with ``UnpaddedResponses.from_masks``; ``unpad`` takes a ``[batch, seq]`` tensor to its ``[N]`` response
-    entries, ``pad`` puts ``[N]`` values back (0 at prompt and padding positions).
+    Build with ``UnpaddedResponses.from_masks``; ``unpad`` takes a ``[batch, seq]`` tensor to its ``[slots]`` entries,
+    ``pad`` puts ``[slots]`` values back (0 at prompt and padding positions).
     """
 
     shape: tuple[int, int]  # (batch, seq) of the padded batch
-    index: torch.Tensor  # [N] INDEX_DTYPE: row-major flat position of each response token in [batch, seq]
-    cu_seqlens: torch.Tensor  # [batch + 1] int64: response b is entries cu_seqlens[b]:cu_seqlens[b + 1]
+    index: torch.Tensor  # [slots] INDEX_DTYPE: row-major flat position in [batch, seq] of each slot's token; 0 for pads
+    scatter_index: torch.Tensor  # [slots] INDEX_DTYPE: ``index`` with the pad slots at batch * seq (past the grid)
+    real: torch.Tensor  # [slots] bool: the slot holds a response token (False: pad slot)
+    # [slots] int32: 1 in response slots, 0 in pad slots. Multiplying the bit pattern of an fp32 tensor by it zeroes
+    # the pad slots whatever they hold (masking.zero_outside's trick), at half the cost of a bool mask on CPU.
+    real_bits: torch.Tensor
+    starts: torch.Tensor  # [batch + 1] int64: response b fills slots starts[b]:starts[b] + lengths[b]
     lengths: torch.Tensor  # [batch] int64: response lengths (>= 1)
-    eos: torch.Tensor  # [N] bool: the EOS tokens
+    has_eos: torch.Tensor  # [batch] bool: the response ends with EOS
+    # GAE's per-response grid: block j of slots (slots SLOT_ALIGN * j ...) is entry grid_index[j] of a
+    # [batch, grid_width] grid, row = its response, column = its index within the response.
+    grid_index: torch.Tensor  # [slots / SLOT_ALIGN] INDEX_DTYPE
+    grid_width: int  # a power of two > the most blocks of any response (the spare column reads as 0)
 
     @classmethod
     def from_masks(
@@ -63,75 +79,140 @@ class UnpaddedResponses:
         those promises (one host sync)."""
         check_masks(response_mask, eos_mask, validate=False)  # dtypes and shapes
         batch, seq = response_mask.shape
+        device = response_mask.device
         mask_bytes = response_mask.view(torch.uint8)
         lengths = count_true(response_mask, dim=1)
-        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
         # A run's tokens are its first position plus 0, 1, ...; the first position is the run's end (the largest
         # column + 1 holding True) minus its length. On CPU that max costs a tenth of a nonzero over the whole grid
         # (argmax twice as much: it does not vectorise on bytes).
-        column_dtype = torch.int16 if seq < 2**15 else torch.int32
-        columns = torch.arange(1, seq + 1, device=response_mask.device, dtype=column_dtype)
+        columns, _ = _columns(seq, device)
         run_end = (mask_bytes * columns).amax(dim=1).long()
         first = run_end - lengths
+        has_eos = eos_mask.gather(1, (run_end - 1).clamp_(min=0)[:, None]).squeeze(1)
         if validate:
-            _check_runs(response_mask, eos_mask, mask_bytes, columns, first, run_end)
-        row_offset = (first + torch.arange(batch, device=first.device) * seq - cu_seqlens[:-1]).to(INDEX_DTYPE)
-        num_tokens = int(cu_seqlens[-1])
-        index = torch.repeat_interleave(row_offset, lengths, output_size=num_tokens)
-        index += torch.arange(num_tokens, device=index.device, dtype=index.dtype)
-        eos = eos_mask.reshape(-1).index_select(0, index)
-        return cls((batch, seq), index, cu_seqlens, lengths, eos)
+            _check_runs(response_mask, eos_mask, mask_bytes, first, has_eos)
+        # Blocks of SLOT_ALIGN slots: length // SLOT_ALIGN + 1 per response leaves 1 to SLOT_ALIGN pad slots after it.
+        blocks = lengths.div(SLOT_ALIGN, rounding_mode="floor").add_(1)
+        block_ends = blocks.cumsum(0)
+        num_blocks, most_blocks = torch.stack([block_ends[-1], blocks.amax()]).tolist()
+        width = 1 << most_blocks.bit_length()
+        block_starts = block_ends - blocks
+        slot_starts = block_starts * SLOT_ALIGN
+        # Per response, less what its first block j adds back below: the flat position of its first token, the
+        # number of its tokens, its row in the grid.
+        rows = _arange(batch, torch.int64, device)
+        per_response = torch.stack(
+            [rows * seq + first - slot_starts, lengths + slot_starts, rows * width - block_starts], dim=1
+        ).to(INDEX_DTYPE)
+        per_block = torch.repeat_interleave(per_response, blocks, dim=0, output_size=num_blocks)
+        block = _arange(num_blocks, INDEX_DTYPE, device)
+        block_slot = block * SLOT_ALIGN
+        lane = _arange(SLOT_ALIGN, INDEX_DTYPE, device)
+        # Slot i of block j is the response's token SLOT_ALIGN * (j - its first block) + i, if that is < its length.
+        index = ((per_block[:, 0] + block_slot)[:, None] + lane).view(-1)
+        remaining = per_block[:, 1] - block_slot
+        in_run = (remaining[:, None] - lane).clamp_(0, 1).view(-1)  # 0/1 (a comparison is slower on CPU)
+        size = batch * seq
+        scatter_index = (index - size).mul_(in_run).add_(size)
+        index.mul_(in_run)  # pad slots read position 0
+        return cls(
+            shape=(batch, seq),
+            index=index,
+            scatter_index=scatter_index,
+            real=in_run.bool(),
+            real_bits=in_run.to(torch.int32),
+            starts=torch.nn.functional.pad(slot_starts, (0, 1), value=num_blocks * SLOT_ALIGN),
+            lengths=lengths,
+            has_eos=has_eos,
+            grid_index=per_block[:, 2] + block,
+            grid_width=width,
+        )
 
     @property
-    def num_tokens(self) -> int:
+    def num_slots(self) -> int:
         return self.index.numel()
 
     @cached_property
-    def last(self) -> torch.Tensor:
-        """``[batch]`` int64: the position of each response's last token (EOS if it has one)."""
-        return self.cu_seqlens[1:] - 1
+    def num_tokens(self) -> int:
+        """N, the number of response tokens (one host sync)."""
+        return int(self.lengths.sum())
 
     @cached_property
-    def steps_before_end(self) -> torch.Tensor:
-        """``[N]`` INDEX_DTYPE: for each token, the number of tokens of its response after it."""
-        last_flat = self.index.index_select(0, self.last.to(INDEX_DTYPE))
-        return torch.repeat_interleave(last_flat, self.lengths, output_size=self.num_tokens).sub_(self.index)
+    def last(self) -> torch.Tensor:
+        """``[batch]`` int64: the slot of each response's last token (EOS if it has one)."""
+        return self.starts[:-1] + self.lengths - 1
+
+    @cached_property
+    def eos(self) -> torch.Tensor:
+        """``[slots]`` bool: the EOS tokens."""
+        return self.real.new_zeros(self.num_slots).index_fill_(0, self.last[self.has_eos], True)
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
-        """``[N]``: the response entries of ``x`` ``[batch, seq]``, response by response."""
+        """``[slots]``: the response entries of ``x`` ``[batch, seq]``, response by response. Pad slots hold
+        whatever ``x`` holds at position 0: the functions of this module never read them."""
         check_shape("x", x, self.shape, "the padded batch")
         return x.reshape(-1).index_select(0, self.index)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """``[batch, seq]``: ``x`` ``[N]`` back at its response positions, 0 at prompt and padding positions."""
-        check_shape("x", x, (self.num_tokens,), "the response tokens")
-        out = x.new_zeros(self.shape[0] * self.shape[1])
-        return out.scatter_(0, self.index, x).view(self.shape)
+        """``[batch, seq]``: ``x`` ``[slots]`` back at its response positions, 0 at prompt and padding positions."""
+        check_shape("x", x, (self.num_slots,), "the response slots")
+        size = self.shape[0] * self.shape[1]
+        out = x.new_zeros(size + 1)  # the pad slots land in the extra entry
+        return out.scatter_(0, self.scatter_index, x)[:size].view(self.shape)
 
 
-def _check_runs(response_mask, eos_mask, mask_bytes, columns, first, run_end) -> None:
-    """``validation.check_masks``'s promises from what ``from_masks`` computed anyway (one host sync): every row is
-    one non-empty run (its first True is where its length says, counting back from its last), and a row's EOS marks
-    are either none or its last response token alone. On failure ``check_masks`` names the bad rows."""
+def _arange(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """0, 1, ..., size - 1: a view of a cached table (read-only) sized to the next power of two, so that batches of
+    many sizes share it."""
+    return _arange_table(1 << max(size - 1, 0).bit_length(), dtype, device)[:size]
+
+
+@lru_cache(maxsize=16)
+def _arange_table(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.arange(size, dtype=dtype, device=device)
+
+
+def _zero_pads(x: torch.Tensor, responses: UnpaddedResponses, in_place: bool = False) -> torch.Tensor:
+    """``x`` ``[slots]`` with 0 in the pad slots, whatever they held (in place on a temporary of the caller's)."""
+    if x.dtype == torch.float32 and not (x.requires_grad and torch.is_grad_enabled()):
+        bits = x.view(torch.int32)
+        return (bits.mul_(responses.real_bits) if in_place else bits * responses.real_bits).view(torch.float32)
+    return zero_outside_(x, responses.real) if in_place else zero_outside(x, responses.real)
+
+
+@lru_cache(maxsize=8)
+def _columns(seq: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, ..., seq) and (seq, ..., 1) in the narrowest integer dtype that holds seq (read-only, cached)."""
+    columns = torch.arange(1, seq + 1, device=device, dtype=torch.int16 if seq < 2**15 else torch.int32)
+    return columns, columns.flip(0)
+
+
+def _check_runs(response_mask, eos_mask, mask_bytes, first, has_eos) -> None:
+    """``validation.check_masks``'s promises from what ``from_masks`` computed anyway (one host sync). A row's first
+    True is at or before ``first`` (its last True + 1 - its count), at it exactly iff the row is one run (an empty
+    row differs too: its first True reads as seq, ``first`` as 0); its EOS marks are at least ``has_eos`` (the mark on its last
+    response token), exactly that iff it has no other. So both differences summed over the batch are 0 iff all is
+    well (in absolute value). On failure ``check_masks`` names the bad rows."""
     seq = response_mask.shape[1]
-    first_true = seq - (mask_bytes * columns.flip(0)).amax(dim=1).long()  # seq for an empty row
-    eos_count = count_true(eos_mask, dim=1)
-    eos_at_end = eos_mask.gather(1, (run_end - 1).clamp(min=0)[:, None]).squeeze(1)
-    broken = (first_true != first) | (run_end == 0) | (eos_count != eos_at_end.long())
-    if bool(broken.any()):
+    _, flipped = _columns(seq, response_mask.device)
+    first_true = seq - (mask_bytes * flipped).amax(dim=1).long()  # seq for an empty row
+    surplus = (first - first_true).abs_().sum() + count_true(eos_mask) - has_eos.sum()
+    if bool(surplus != 0):
         check_masks(response_mask, eos_mask)
         raise AssertionError("check_masks accepted masks that _check_runs refused")  # unreachable by construction
 
 
 def segment_ends_from_boundaries(boundary: torch.Tensor, responses: UnpaddedResponses) -> torch.Tensor:
-    """``[N]`` bool segment ends from a per-token boundary rule ``[N]`` bool (True may fall anywhere, EOS included),
-    with ``segmentation._content_ends``'s conventions: only content tokens end segments, the last content token (before
-    EOS, or the last token of a truncated response) always does, and an EOS-only response ends on its EOS."""
-    ends = boundary & ~responses.eos
-    last = responses.last
-    # One step back from an EOS, unless the EOS is the whole response.
-    step_back = responses.eos.index_select(0, last) & (responses.lengths > 1)
-    ends[last - step_back.long()] = True
+    """``[slots]`` bool segment ends from a per-token boundary rule ``[slots]`` bool (True may fall anywhere, EOS
+    and pad slots included), with ``segmentation._content_ends``'s conventions: only content tokens end segments, the
+    last content token (before EOS, or the last token of a truncated response) always does, and an EOS-only response
+    ends on its EOS."""
+    check_shape("boundary", boundary, (responses.num_slots,), "the response slots")
+    ends = boundary & responses.real
+    # The last token ends a segment unless it is an EOS after content; then the token before it does.
+    step_back = responses.has_eos & (responses.lengths > 1)
+    ends[responses.last] = ~step_back
+    ends[responses.last - step_back.long()] = True
     return ends
 
 
@@ -139,10 +220,10 @@ def entropy_segment_ends(
     entropy: torch.Tensor, responses: UnpaddedResponses, cutoff: float, validate: bool = True
 ) -> torch.Tensor:
     """``segmentation.entropy_segment_ends`` on unpadded tokens: content token j ends a segment iff
-    ``entropy[j] > cutoff`` (``entropy`` ``[N]``, unpadded like the responses)."""
-    check_shape("entropy", entropy, (responses.num_tokens,), "the response tokens")
+    ``entropy[j] > cutoff`` (``entropy`` ``[slots]``, unpadded like the responses)."""
+    check_shape("entropy", entropy, (responses.num_slots,), "the response slots")
     check_nonnegative_float("cutoff", cutoff)
-    check_finite("entropy", entropy, where=~responses.eos, validate=validate)
+    check_finite("entropy", entropy, where=lambda: responses.real & ~responses.eos, validate=validate)
     return segment_ends_from_boundaries(entropy > cutoff, responses)
 
 
@@ -155,42 +236,44 @@ class UnpaddedSegments:
     """
 
     responses: UnpaddedResponses
-    end_at: torch.Tensor  # [K] int64: token position of each segment's end
+    end_at: torch.Tensor  # [K] int64: slot of each segment's end
     response_of: torch.Tensor  # [K] int64: the response each segment belongs to
     index_in_response: torch.Tensor  # [K] int64: t, 0-based within its response
     num_segments: torch.Tensor  # [batch] int64: T of each response (>= 1)
     lengths: torch.Tensor  # [K] int64: |a_t|, tokens of each segment
-    token_segment: torch.Tensor  # [N] int32: the segment of each token, K for tokens in no segment
+    token_segment: torch.Tensor  # [slots] int64: the segment of each token, K for tokens in no segment and pad slots
 
     @classmethod
     def from_ends(cls, ends: torch.Tensor, responses: UnpaddedResponses, validate: bool = True) -> UnpaddedSegments:
-        """The segments ending at ``ends`` ``[N]`` bool; ``validate`` checks that every response has one (a segment
-        ends on its last content token, as every segmentation mode makes it)."""
-        check_shape("ends", ends, (responses.num_tokens,), "the response tokens")
-        batch = responses.shape[0]
-        end_at = ends.nonzero().squeeze(1)
+        """The segments ending at ``ends`` ``[slots]`` bool (pad slots are ignored); ``validate`` checks that every
+        response has an end (a segment ends on its last content token, as every segmentation mode makes it)."""
+        check_shape("ends", ends, (responses.num_slots,), "the response slots")
+        ends = ends & responses.real
+        batch, device = responses.shape[0], ends.device
+        end_at = _arange(responses.num_slots, torch.int64, device).masked_select(ends)  # (nonzero: slower on CPU)
         count = end_at.numel()
         ends_int = ends.view(torch.uint8)
-        ends_before = torch.nn.functional.pad(ends_int[:-1], (1, 0)).cumsum(0, dtype=torch.int32)  # [N]
-        # The ends before a response's first token index its first segment.
-        first = ends_before.index_select(0, responses.cu_seqlens[:-1]).long()
-        num_segments = torch.diff(first, append=first.new_full((1,), count))
+        ends_before = ends_int.cumsum(0).sub_(ends_int)  # [slots] int64 (an int32 cumsum of bytes is slower on CPU)
+        # The ends before a response's first slot index its first segment.
+        first = ends_before.index_select(0, responses.starts[:-1])
+        next_first = torch.nn.functional.pad(first[1:], (0, 1), value=count)
+        num_segments = next_first - first
         if validate and bool((num_segments == 0).any()):
             empty = (num_segments == 0).nonzero().flatten().tolist()
             raise ValueError(f"responses {empty[:8]} have no segment end; every response needs at least one")
-        response_of = torch.repeat_interleave(torch.arange(batch, device=ends.device), num_segments, output_size=count)
-        index_in_response = torch.arange(count, device=ends.device) - first.index_select(0, response_of)
-        # A segment starts after the previous end, or at its response's start if it is the response's first.
-        previous_end = torch.nn.functional.pad(end_at[:-1], (1, 0), value=-1)
-        start = torch.where(index_in_response == 0, responses.cu_seqlens.index_select(0, response_of), previous_end + 1)
-        last_end = end_at.index_select(0, first + num_segments - 1)
+        response_of = torch.repeat_interleave(_arange(batch, torch.int64, device), num_segments, output_size=count)
+        index_in_response = _arange(count, torch.int64, device) - first.index_select(0, response_of)
+        # |a_t| is the distance from the previous end, which for a response's first segment is the slot before it.
+        previous_end = torch.nn.functional.pad(end_at[:-1], (1, 0))
+        previous_end[first] = responses.starts[:-1] - 1
+        last_end = end_at.index_select(0, next_first - 1)
         return cls(
             responses=responses,
             end_at=end_at,
             response_of=response_of,
             index_in_response=index_in_response,
             num_segments=num_segments,
-            lengths=end_at - start + 1,
+            lengths=end_at - previous_end,
             token_segment=_token_segments(ends_before, count, last_end, responses),
         )
 
@@ -199,9 +282,14 @@ class UnpaddedSegments:
         return self.end_at.numel()
 
     def at_ends(self, values: torch.Tensor, validate: bool = True) -> torch.Tensor:
-        """``[K]``: ``values`` ``[N]`` (e.g. the reward head output) at each segment end; only the ends are read."""
-        check_shape("values", values, (self.responses.num_tokens,), "the response tokens")
-        out = values.index_select(0, self.end_at)
+        """``[K]``: ``values`` (e.g. the reward head output) at each segment end, from ``[slots]`` or straight from
+        the padded ``[batch, seq]`` tensor (which saves unpadding a tensor only K entries of are read)."""
+        if values.dim() == 2:
+            check_shape("values", values, self.responses.shape, "the padded batch")
+            out = values.reshape(-1).index_select(0, self.responses.index.index_select(0, self.end_at))
+        else:
+            check_shape("values", values, (self.responses.num_slots,), "the response slots")
+            out = values.index_select(0, self.end_at)
         check_finite("values at segment ends", out, validate=validate)
         return out
 
@@ -212,16 +300,16 @@ class UnpaddedSegments:
 
     def mean(self, segment_values: torch.Tensor) -> torch.Tensor:
         """``[batch]`` the mean of each response's segment values ``[K]`` (the RM's e(x, y) with mean aggregation)."""
-        total = segment_values.new_zeros(self.responses.shape[0]).index_add_(0, self.response_of, segment_values)
-        return total / self.num_segments.to(segment_values.dtype)
+        total = torch.segment_reduce(segment_values, "sum", lengths=self.num_segments)
+        return total.div_(self.num_segments.to(total.dtype))
 
     def token_rewards(self, segment_values: torch.Tensor, mode: str = "even") -> torch.Tensor:
-        """``[N]`` per-token rewards from segment rewards ``[K]`` (``interpolation.token_rewards``'s modes); tokens
-        in no segment get 0."""
+        """``[slots]`` per-token rewards from segment rewards ``[K]`` (``interpolation.token_rewards``'s modes);
+        tokens in no segment and pad slots get 0."""
         check_choice("interpolation mode", mode, INTERPOLATION_MODES)
         check_shape("segment_values", segment_values, (self.count,), "the segments")
         if mode == "none":
-            out = segment_values.new_zeros(self.responses.num_tokens)
+            out = segment_values.new_zeros(self.responses.num_slots)
             return out.index_copy_(0, self.end_at, segment_values)
         if mode == "even":
             segment_values = segment_values / self.lengths.to(segment_values.dtype)
@@ -233,102 +321,80 @@ class UnpaddedSegments:
 def _token_segments(
     ends_before: torch.Tensor, count: int, last_end: torch.Tensor, responses: UnpaddedResponses
 ) -> torch.Tensor:
-    """``[N]`` int32: the segment of each token, which is the number of ends before it (``ends_before``, reused in
-    place), except for the tokens after their response's last end ``last_end`` ``[batch]``, which get ``count`` (K).
-    Those are at most the EOS in every segmentation mode: a handful of tokens, listed from the per-response tail
-    lengths rather than found by a test over all N tokens."""
-    tail_lengths = responses.last - last_end
+    """``[slots]`` int64: the segment of each token, which is the number of ends before it (``ends_before``, reused
+    in place), except for the slots after their response's last end ``last_end`` ``[batch]``, which get ``count`` (K).
+    Those are the pad slots and at most the EOS in every segmentation mode: a few per response, listed from the
+    per-response tail lengths rather than found by a test over every slot."""
+    tail_lengths = responses.starts[1:] - 1 - last_end
     num_tail = int(tail_lengths.sum())
-    if num_tail:
-        # Tail token i of response b sits at last_end[b] + 1 + i.
-        tail_starts = torch.repeat_interleave(
-            last_end + 1 - (tail_lengths.cumsum(0) - tail_lengths), tail_lengths, output_size=num_tail
-        )
-        tail = tail_starts + torch.arange(num_tail, device=tail_starts.device)
-        ends_before.index_fill_(0, tail, count)
-    return ends_before
+    # Tail slot i of response b sits at last_end[b] + 1 + i.
+    tail_starts = torch.repeat_interleave(
+        last_end + 1 - (tail_lengths.cumsum(0) - tail_lengths), tail_lengths, output_size=num_tail
+    )
+    tail = tail_starts + torch.arange(num_tail, device=tail_starts.device)
+    return ends_before.index_fill_(0, tail, count)
 
 
 @lru_cache(maxsize=8)
-def _fold_carry_weights(decay: float, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[width]``: decay^(width - i), the weight of the next row's first sum at column i of a folded row."""
-    return _decay_power_table(decay, width, dtype, device).flip(0)
-
-
-@lru_cache(maxsize=8)
-def _decay_power_table(decay: float, count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[count]``: decay^1, ..., decay^count (read-only, cached)."""
-    return decay_powers(torch.arange(1, count + 1, device=device), decay).to(dtype)
-
-
-def flat_discounted_reverse_cumsum(x: torch.Tensor, decay: float, width: int = FOLD_WIDTH) -> torch.Tensor:
-    """y_t = sum_{k >= t} decay^(k - t) x_k over a 1-D ``x`` of any length, decay in [0, 1].
-
-    ``x`` is folded into rows of ``width``: ``advantages.discounted_reverse_cumsum`` gives each row's own sums, the
-    first column of those (each row's sum discounted to its start) goes through the same filter with decay^width to
-    give every row the true sum at its start, and each row adds the next row's, discounted to its columns. Every
-    weight is a power with a non-negative exponent, as in the padded filter.
-    """
-    (length,) = x.shape
-    rows = max(1, -(-length // width))
-    folded = x.view(rows, width) if length == rows * width else torch.nn.functional.pad(x, (0, rows * width - length))
-    folded = folded.view(rows, width)
-    local = discounted_reverse_cumsum(folded, decay)
-    at_row_start = discounted_reverse_cumsum(local[:, 0].contiguous().view(1, rows), decay**width).view(rows)
-    after_row = torch.nn.functional.pad(at_row_start[1:], (0, 1))
-    local.addcmul_(after_row[:, None], _fold_carry_weights(float(decay), width, local.dtype, local.device))
-    return local.reshape(-1)[:length]
+def _into_block(decay: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[SLOT_ALIGN]``: decay^(SLOT_ALIGN - i), the weight at slot i of a block of the sum at the next block's start
+    (read-only, cached)."""
+    return decay_powers(SLOT_ALIGN - torch.arange(SLOT_ALIGN, device=device), decay).to(dtype)
 
 
 def gae(
     rewards: torch.Tensor, values: torch.Tensor, responses: UnpaddedResponses, gamma: float, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``advantages.gae`` on unpadded responses: (advantages, returns) ``[N]``, each response on its own
-    (V_next = 0 after its last token), in at least fp32.
+    """``advantages.gae`` on unpadded responses: (advantages, returns) ``[slots]``, each response on its own
+    (V_next = 0 after its last token), in at least fp32, 0 in pad slots (whatever ``rewards`` and ``values`` hold
+    there).
 
-    One discounted sum runs over all responses end to end; at token t of a response ending before position e, it has
-    also summed the following responses, which is exactly decay^(e - t) times the sum at e, and that is subtracted.
+    A_t = sum_{k >= t} (gamma lam)^(k - t) delta_k over the response. The slots come in blocks of SLOT_ALIGN that
+    never hold two responses: one matmul gives each block's own sums (``advantages.block_reverse_sums``); the sum at
+    each block's start goes into a ``[batch, blocks]`` grid, one row per response, whose discounted reverse sums
+    (decay (gamma lam)^SLOT_ALIGN) give every block the sum at the start of the next block of its response, and each
+    slot adds that, discounted to it. Every weight is a power with a non-negative exponent, as in the padded filter.
     """
     for name, value in (("gamma", gamma), ("lam", lam)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-    length = responses.num_tokens
-    check_shape("rewards", rewards, (length,), "the response tokens")
-    check_shape("values", values, (length,), "the response tokens")
+    slots = responses.num_slots
+    check_shape("rewards", rewards, (slots,), "the response slots")
+    check_shape("values", values, (slots,), "the response slots")
     dtype = torch.promote_types(torch.promote_types(rewards.dtype, values.dtype), torch.float32)
     rewards, values = rewards.detach().to(dtype), values.detach().to(dtype)
     decay = gamma * lam
-    # delta_t = r_t + gamma * V_next - V_t, written into a buffer already folded for the discounted sum; its zero tail
-    # (at least one entry) adds nothing and reads as the sum after the last response.
-    folded = (length // FOLD_WIDTH + 1) * FOLD_WIDTH
-    delta = values.new_empty(folded)
-    delta[length:] = 0.0
-    torch.sub(rewards[:length], values, out=delta[:length])
-    delta[: length - 1].add_(values[1:], alpha=gamma)
-    # V_next after a response's last token is 0, not the next response's first value.
-    between = responses.last[:-1]
-    delta[between] -= gamma * values[between + 1]
-    running = flat_discounted_reverse_cumsum(delta, decay)
-    # decay^(e - t) for e - t = 1 .. the longest response, read from a table (sized to a power of two, so batches
-    # share it), times the sum at e.
-    table_size = 1 << (int(responses.lengths.max()) - 1).bit_length()
-    powers = _decay_power_table(float(decay), table_size, dtype, delta.device)
-    at_next_start = torch.repeat_interleave(running[responses.cu_seqlens[1:]], responses.lengths,
-                                            output_size=length)
-    advantages = running[:length].addcmul_(powers.index_select(0, responses.steps_before_end), at_next_start,
-                                           value=-1.0)
-    return advantages, values + advantages
+    # delta_t = r_t + gamma * V_next - V_t. V is 0 in the pad slot after each response (its V_next); the last pad slot
+    # of a response reads the next response's first value, so delta is zeroed in every pad slot afterwards.
+    v = _zero_pads(values, responses)
+    delta = torch.sub(rewards, v)
+    delta[:-1].add_(v[1:], alpha=gamma)
+    _zero_pads(delta, responses, in_place=True)
+    local = block_reverse_sums(delta.view(-1, SLOT_ALIGN), decay)  # [blocks, SLOT_ALIGN]
+    # One grid row per response, one column per block (a spare column reads as the sum after the last block), the
+    # width a power of two so that the filter's cached matrices serve many batches.
+    batch, width = responses.shape[0], responses.grid_width
+    grid = local.new_zeros(batch * width).scatter_(0, responses.grid_index, local[:, 0])
+    at_block_start = discounted_reverse_cumsum(grid.view(batch, width), decay**SLOT_ALIGN).reshape(-1)
+    after_block = at_block_start.index_select(0, responses.grid_index + 1)
+    advantages = local.addcmul_(after_block[:, None], _into_block(float(decay), local.dtype, local.device))
+    advantages = advantages.view(-1).to(dtype)
+    return advantages, v.add_(advantages)
 
 
-def whiten(values: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(values - mean) / sqrt(var + eps) over all entries, statistics in fp64 (``ppo.masked_whiten``'s numbers)."""
-    x = values.detach().double()
-    mean, var = moments_to_mean_var(torch.stack([x.sum(), torch.dot(x, x), torch.tensor(float(x.numel()),
-                                                                                         dtype=x.dtype)]))
-    return (values - mean).mul_(torch.rsqrt(var + eps))
+def whiten(values: torch.Tensor, responses: UnpaddedResponses, eps: float = 1e-8) -> torch.Tensor:
+    """(values - mean) / sqrt(var + eps) with the statistics of the response tokens (``ppo.masked_whiten``'s numbers,
+    summed in fp64). One host read (the two sums); the pad slots are not read, and hold garbage after."""
+    check_shape("values", values, (responses.num_slots,), "the response slots")
+    x = _zero_pads(values.detach(), responses).double()
+    total, squares = torch.stack([x.sum(), torch.dot(x, x)]).tolist()
+    count = max(responses.num_tokens, 1)
+    mean = total / count
+    scale = 1.0 / math.sqrt(max(squares / count - mean * mean, 0.0) + eps)
+    return torch.sub(values, mean).mul_(scale)
 
 
 def normalize(normalizer: Normalizer, rewards: torch.Tensor, segments: UnpaddedSegments) -> torch.Tensor:
     """``[K]`` normalized segment rewards at their locations p = (t + 1) / T, in at least fp32."""
     rewards = rewards.to(torch.promote_types(rewards.dtype, torch.float32))
-    return normalizer(rewards, segments.positions(rewards.dtype))
+    return normalizer.normalize_segments(rewards, segments.positions(rewards.dtype))

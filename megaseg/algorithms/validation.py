@@ -10,8 +10,9 @@ batch can switch them off.
 
 from __future__ import annotations
 
+import math
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -54,8 +55,14 @@ def check_bool(name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{name} must be a bool tensor, got dtype {tensor.dtype}; use mask.bool()")
 
 
-def check_finite(name: str, tensor: torch.Tensor, where: torch.Tensor | None = None, validate: bool = True) -> None:
-    """No NaN/inf in ``tensor`` (only at the positions where ``where`` is True, if given).
+def check_finite(
+    name: str,
+    tensor: torch.Tensor,
+    where: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+    validate: bool = True,
+) -> None:
+    """No NaN/inf in ``tensor`` (only at the positions where ``where`` is True, if given; a function returning that
+    mask is called only when the fast path below fails, for masks that cost more to build than the check).
 
     Fast path: NaN and inf propagate through a sum, so a finite sum proves every summed entry finite with one cheap
     pass (one host sync). The whole tensor is summed first, as it is usually finite everywhere; if not, the unselected
@@ -65,11 +72,11 @@ def check_finite(name: str, tensor: torch.Tensor, where: torch.Tensor | None = N
     if not validate:
         return
     selected = tensor.detach()
-    if bool(torch.isfinite(selected.sum())):
+    if math.isfinite(selected.sum()):  # one op and a host read (torch.isfinite is several ops)
         return
     if where is not None:
-        selected = zero_outside(selected, where)
-        if bool(torch.isfinite(selected.sum())):
+        selected = zero_outside(selected, where() if callable(where) else where)
+        if math.isfinite(selected.sum()):
             return
     bad = ~torch.isfinite(selected)
     if bool(bad.any()):

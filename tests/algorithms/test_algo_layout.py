@@ -212,5 +212,5 @@ def test_packed_and_unpadded_pipelines_equal_token_pipeline(batch, mode):
     dense = segments.token_rewards(normalized, "even").clamp_(-10, 10)
     rewards = dense - 0.01 * ppo.kl_penalty(responses.unpad(logp), responses.unpad(ref_logp), "k1")
     advantages, _ = unpadded.gae(rewards, responses.unpad(critic), responses, 1.0, 0.95)
-    got = responses.pad(unpadded.whiten(advantages))
+    got = responses.pad(unpadded.whiten(advantages, responses))
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

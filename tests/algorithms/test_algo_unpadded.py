@@ -33,16 +33,40 @@ def _responses(batch):
     return up.UnpaddedResponses.from_masks(batch.response_mask, batch.eos_mask)
 
 
-@given(batches())
-def test_unpad_lists_the_response_tokens_row_by_row_and_pad_inverts_it(batch):
+def _expected_slots(batch):
+    """The slot layout written out with a loop: (tokens as (row, column) or None per slot, start slot per row)."""
+    slots, starts = [], []
+    for b in range(batch.response_mask.shape[0]):
+        columns = [j for j, m in enumerate(batch.response_mask[b].tolist()) if m]
+        starts.append(len(slots))
+        slots += [(b, j) for j in columns]
+        slots += [None] * (up.SLOT_ALIGN - len(columns) % up.SLOT_ALIGN)  # 1 to SLOT_ALIGN pad slots
+    return slots, starts + [len(slots)]
+
+
+@given(batches(max_seq=40))
+def test_unpad_lays_responses_out_in_aligned_slots_and_pad_inverts_it(batch):
     responses = _responses(batch)
-    expected = [v for b in range(batch.values.shape[0]) for v, m in zip(batch.values[b].tolist(),
-                                                                        batch.response_mask[b].tolist()) if m]
-    assert responses.unpad(batch.values).tolist() == expected
-    assert responses.cu_seqlens.tolist() == [0] + torch.cumsum(batch.response_mask.sum(1), 0).tolist()
-    assert torch.equal(responses.pad(responses.unpad(batch.values)), torch.where(batch.response_mask,
-                                                                                 batch.values, 0.0))
-    assert torch.equal(responses.eos, responses.unpad(batch.eos_mask))
+    slots, starts = _expected_slots(batch)
+    seq = batch.values.shape[1]
+    assert responses.starts.tolist() == starts
+    assert all(start % up.SLOT_ALIGN == 0 for start in starts)
+    assert responses.real.tolist() == [slot is not None for slot in slots]
+    assert responses.real_bits.tolist() == [int(slot is not None) for slot in slots]
+    got = responses.unpad(batch.values).tolist()
+    assert [v for v, slot in zip(got, slots) if slot] == [batch.values[b, j].item() for b, j in filter(None, slots)]
+    assert responses.scatter_index.tolist() == [b * seq + j if slot else batch.values.numel()
+                                                for slot in slots for b, j in [slot or (0, 0)]]
+    garbage = torch.where(responses.real, responses.unpad(batch.values), float("nan"))
+    assert torch.equal(responses.pad(garbage), torch.where(batch.response_mask, batch.values, 0.0))
+    assert torch.equal(responses.eos, responses.unpad(batch.eos_mask) & responses.real)
+    # GAE's grid: block j is (its response, its block within the response) of a power-of-two width with room for one
+    # more column than the longest response has blocks.
+    blocks = [(b, (i - starts[b]) // up.SLOT_ALIGN) for b in range(len(starts) - 1)
+              for i in range(starts[b], starts[b + 1], up.SLOT_ALIGN)]
+    width = responses.grid_width
+    assert width & (width - 1) == 0 and width >= max(column for _, column in blocks) + 2
+    assert responses.grid_index.tolist() == [b * width + column for b, column in blocks]
 
 
 @given(batches(), st.sampled_from([0.0, 0.5, 1.75, 2.0, 1000.0]))
@@ -50,18 +74,21 @@ def test_entropy_and_token_ends_equal_the_padded_segmentation(batch, cutoff):
     responses = _responses(batch)
     padded = entropy_segment_ends(batch.entropy, batch.response_mask, batch.eos_mask, cutoff)
     got = up.entropy_segment_ends(responses.unpad(batch.entropy), responses, cutoff)
-    assert torch.equal(got, responses.unpad(padded))
+    assert torch.equal(responses.pad(got), padded)
+    assert not (got & ~responses.real).any()
     every = up.segment_ends_from_boundaries(torch.ones_like(responses.eos), responses)
-    assert torch.equal(every, responses.unpad(token_segment_ends(batch.response_mask, batch.eos_mask)))
+    assert torch.equal(responses.pad(every), token_segment_ends(batch.response_mask, batch.eos_mask))
+    assert not (every & ~responses.real).any()
 
 
 @given(batches(), st.sampled_from(MODES), st.sampled_from(["even", "repeat", "none"]))
 def test_segments_equal_the_padded_layout_and_the_loop_reference(batch, mode, how):
     ends = _ends(batch, mode)
     responses = _responses(batch)
-    segments = up.UnpaddedSegments.from_ends(responses.unpad(ends), responses)
+    segments = up.UnpaddedSegments.from_ends(responses.unpad(ends), responses)  # pad slots hold garbage: ignored
     values = responses.unpad(batch.values)
     rewards = segments.at_ends(values)
+    assert torch.equal(segments.at_ends(batch.values), rewards)  # straight from the padded tensor
 
     assert torch.equal(responses.pad(segments.token_rewards(rewards, how)),
                        token_rewards(batch.values, ends, batch.response_mask, how))
@@ -80,7 +107,7 @@ def test_segments_equal_the_padded_layout_and_the_loop_reference(batch, mode, ho
 def test_a_response_without_a_segment_end_is_refused():
     mask = torch.tensor([[True, True, False], [False, True, True]])
     responses = up.UnpaddedResponses.from_masks(mask, torch.zeros_like(mask))
-    ends = torch.tensor([True, True, False, False])
+    ends = responses.unpad(torch.tensor([[True, True, False], [False, False, False]]))
     with pytest.raises(ValueError, match=r"responses \[1\] have no segment end"):
         up.UnpaddedSegments.from_ends(ends, responses)
 
@@ -104,19 +131,6 @@ def test_bad_masks_are_refused_with_the_padded_messages():
         up.UnpaddedResponses.from_masks(response, outside)
 
 
-@pytest.mark.parametrize("decay", [0.0, 0.5, 0.95, 1.0])
-@pytest.mark.parametrize("length", [1, 7, 8, 9, 33, 70])
-def test_flat_discounted_sum_equals_the_loop_across_folds(decay, length):
-    x = torch.randn(length, generator=torch.Generator().manual_seed(length), dtype=torch.float64)
-    expected, running = [0.0] * length, 0.0
-    for t in reversed(range(length)):
-        running = x[t].item() + decay * running
-        expected[t] = running
-    for width in (4, 8, up.FOLD_WIDTH):
-        got = up.flat_discounted_reverse_cumsum(x, decay, width)
-        assert got.tolist() == pytest.approx(expected, rel=1e-12, abs=1e-12)
-
-
 @given(batches(max_batch=5, max_seq=40), st.sampled_from([0.0, 0.5, 0.99, 1.0]), st.sampled_from([0.0, 0.95, 1.0]))
 def test_gae_runs_each_response_alone_like_the_textbook_loop(batch, gamma, lam):
     responses = _responses(batch)
@@ -125,6 +139,7 @@ def test_gae_runs_each_response_alone_like_the_textbook_loop(batch, gamma, lam):
     adv, ret = up.gae(responses.unpad(rewards), responses.unpad(values), responses, gamma, lam)
     padded = ppo.gae(rewards, values, batch.response_mask, gamma, lam)
     torch.testing.assert_close((responses.pad(adv), responses.pad(ret)), padded, rtol=1e-9, atol=1e-9)
+    assert not adv[~responses.real].any() and not ret[~responses.real].any()
     b = 0
     mask = batch.response_mask[b].tolist()
     exp_adv, _ = ref.gae_row(torch.where(batch.response_mask[b], rewards[b], 0.0).tolist(),
@@ -147,14 +162,30 @@ def test_gae_in_fp32_over_long_responses_stays_close_to_fp64():
     torch.testing.assert_close(responses.pad(adv).double(), exact, rtol=1e-5, atol=1e-5)
 
 
-def test_gae_when_the_tokens_fill_whole_folds():
-    """N a multiple of the fold width: the sum after the last response must still read as 0."""
-    mask = torch.ones(2, up.FOLD_WIDTH // 2, dtype=torch.bool)
-    gen = torch.Generator().manual_seed(3)
-    rewards, values = torch.randn(mask.shape, generator=gen), torch.randn(mask.shape, generator=gen)
+@pytest.mark.parametrize("decay", [0.0, 0.5, 0.95, 1.0])
+def test_gae_across_block_and_grid_boundaries_equals_the_textbook_loop(decay):
+    """Lengths on either side of a block edge (SLOT_ALIGN), one response of 1, and a long one whose blocks span
+    several blocks of the per-response grid filter; NaN in every pad slot of the inputs must not leak in."""
+    lengths = [up.SLOT_ALIGN - 1, up.SLOT_ALIGN, up.SLOT_ALIGN + 1, 1, 2 * up.SLOT_ALIGN, 40 * up.SLOT_ALIGN + 3]
+    seq = max(lengths) + 5
+    mask = torch.arange(seq) < torch.tensor(lengths)[:, None]
+    mask = mask.roll(3, dims=1)  # a prompt of 3 in front of every response
+    gen = torch.Generator().manual_seed(7)
+    rewards, values = (torch.randn(mask.shape, generator=gen, dtype=torch.float64) for _ in range(2))
     responses = up.UnpaddedResponses.from_masks(mask, torch.zeros_like(mask))
-    assert responses.num_tokens == up.FOLD_WIDTH
-    adv, ret = up.gae(responses.unpad(rewards), responses.unpad(values), responses, 0.99, 0.95)
-    expected = ppo.gae(rewards.double(), values.double(), mask, 0.99, 0.95)
-    torch.testing.assert_close((responses.pad(adv).double(), responses.pad(ret).double()), expected,
-                               rtol=1e-5, atol=1e-5)
+    unpad = lambda x: torch.where(responses.real, responses.unpad(x), float("nan"))  # noqa: E731
+    adv, ret = up.gae(unpad(rewards), unpad(values), responses, 1.0, decay)
+    for b in range(len(lengths)):
+        expected, _ = ref.gae_row(torch.where(mask[b], rewards[b], 0.0).tolist(),
+                                  torch.where(mask[b], values[b], 0.0).tolist(), mask[b].tolist(), 1.0, decay)
+        assert responses.pad(adv)[b].tolist() == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    torch.testing.assert_close(responses.pad(ret), ppo.gae(rewards, values, mask, 1.0, decay)[1])
+
+
+@given(batches(max_batch=5, max_seq=40))
+def test_whiten_uses_the_response_tokens_only(batch):
+    responses = _responses(batch)
+    values = torch.randn(batch.values.shape, generator=torch.Generator().manual_seed(2))
+    garbage = torch.where(responses.real, responses.unpad(values), float("inf"))
+    got = responses.pad(up.whiten(garbage, responses))
+    torch.testing.assert_close(got, ppo.masked_whiten(values, batch.response_mask), rtol=1e-5, atol=1e-5)
