@@ -113,7 +113,7 @@ def unpadded_pipeline(r: dict[str, torch.Tensor]) -> torch.Tensor:
     normalized = unpadded.normalize(NORMALIZER, rewards, segments)
     dense = segments.token_rewards(normalized, "even").clamp_(-CLAMP, CLAMP)
     kl = kl_from_log_ratio(responses.unpad(r["logp"] - r["ref_logp"]), "k1")  # one gather instead of two
-    rewards = kl.mul_(-KL_COEF).add_(dense)
+    rewards = dense.add_(kl, alpha=-KL_COEF)
     advantages, _ = unpadded.gae(rewards, responses.unpad(r["critic"]), responses, GAMMA, LAM)
     return responses.pad(unpadded.whiten(advantages, responses))
 

@@ -5,8 +5,9 @@ A rollout batch is right-padded ``[batch, seq]`` with the prompt in front of eac
 or padding (40% response tokens in benchmarks/algorithms.py's batch). ``UnpaddedResponses`` lists the response tokens
 of every row end to end in *slots*: response b fills slots ``starts[b] : starts[b] + lengths[b]`` and is followed by
 1 to ``SLOT_ALIGN`` pad slots, so that the next response starts at a multiple of ``SLOT_ALIGN`` (megatron's packed
-"THD" layout with padded sequence starts, TransformerEngine's ``cu_seqlens_padded``). Pad slots hold 0 in every
-tensor this module returns. ``UnpaddedSegments`` lists the K segments of those responses, response by response.
+"THD" layout with padded sequence starts, TransformerEngine's ``cu_seqlens_padded``). Pad slots hold 0 (False): the
+functions here take ``[slots]`` tensors with 0 there (``unpad`` makes them so) and return them so.
+``UnpaddedSegments`` lists the K segments of those responses, response by response.
 Per-token steps cost a pass over the slots (about 1.02 N for N response tokens at seq 2048), per-segment steps a pass
 over K (about N / 6 at c_ent 1.75), and the pipeline costs a few passes over ``[batch, seq]`` only to unpad its inputs
 and pad its outputs.
@@ -23,8 +24,9 @@ the tests hold both layouts to the same results and to the per-sequence loop ref
 - segment t of T sits at p = (t + 1) / T; the even split gives each of its tokens r_t / |a_t|;
 - GAE runs over each response alone, V = 0 after its last token.
 
-Host syncs: the number of slots and of segments K (listing the segment ends is a ``nonzero``), the longest response,
-and the validation checks; like the remove-padding paths of other trainers, sizes must be known to allocate.
+Host syncs: the number of slots with the longest response (and the mask check, in the same read), the number of
+segments K (listing the segment ends), the number of response tokens (whitening), and the value checks; like the
+remove-padding paths of other trainers, sizes must be known to allocate.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ import torch
 
 from megaseg.algorithms.advantages import block_reverse_sums, decay_powers, discounted_reverse_cumsum
 from megaseg.algorithms.interpolation import INTERPOLATION_MODES
-from megaseg.algorithms.masking import count_true, zero_outside, zero_outside_
 from megaseg.algorithms.normalizer import Normalizer
 from megaseg.algorithms.segments import INDEX_DTYPE
 from megaseg.algorithms.validation import check_choice, check_finite, check_masks, check_nonnegative_float, check_shape
@@ -58,10 +59,10 @@ class UnpaddedResponses:
     shape: tuple[int, int]  # (batch, seq) of the padded batch
     index: torch.Tensor  # [slots] INDEX_DTYPE: row-major flat position in [batch, seq] of each slot's token; 0 for pads
     scatter_index: torch.Tensor  # [slots] INDEX_DTYPE: ``index`` with the pad slots at batch * seq (past the grid)
-    real: torch.Tensor  # [slots] bool: the slot holds a response token (False: pad slot)
-    # [slots] int32: 1 in response slots, 0 in pad slots. Multiplying the bit pattern of an fp32 tensor by it zeroes
-    # the pad slots whatever they hold (masking.zero_outside's trick), at half the cost of a bool mask on CPU.
-    real_bits: torch.Tensor
+    # [slots] float32: 1 in response slots, 0 in pad slots. A pad slot reads a token of its response, so multiplying
+    # by this mask zeroes it (one op; only a non-finite token, which the pipeline refuses or propagates anyway, would
+    # leave a NaN there).
+    real_float: torch.Tensor
     starts: torch.Tensor  # [batch + 1] int64: response b fills slots starts[b]:starts[b] + lengths[b]
     lengths: torch.Tensor  # [batch] int64: response lengths (>= 1)
     has_eos: torch.Tensor  # [batch] bool: the response ends with EOS
@@ -81,50 +82,56 @@ class UnpaddedResponses:
         batch, seq = response_mask.shape
         device = response_mask.device
         mask_bytes = response_mask.view(torch.uint8)
-        lengths = count_true(response_mask, dim=1)
-        # A run's tokens are its first position plus 0, 1, ...; the first position is the run's end (the largest
-        # column + 1 holding True) minus its length. On CPU that max costs a tenth of a nonzero over the whole grid
-        # (argmax twice as much: it does not vectorise on bytes).
-        columns, _ = _columns(seq, device)
-        run_end = (mask_bytes * columns).amax(dim=1).long()
-        first = run_end - lengths
-        has_eos = eos_mask.gather(1, (run_end - 1).clamp_(min=0)[:, None]).squeeze(1)
-        if validate:
-            _check_runs(response_mask, eos_mask, mask_bytes, first, has_eos)
+        # Per-row bookkeeping is int32 (exact: flat positions < 2^31), which spares conversions.
+        lengths = mask_bytes.sum(dim=1, dtype=torch.int32)
+        # A run's tokens end at its last True: the largest column + 1 holding True. On CPU that max costs a tenth of
+        # a nonzero over the whole grid (argmax twice as much: it does not vectorise on bytes).
+        columns, flipped = _columns(seq, device)
+        run_end = (mask_bytes * columns).amax(dim=1)
+        last = (_row_starts(batch, seq, device) + run_end).sub_(1).clamp_(min=0)  # flat position of the last token
+        has_eos = eos_mask.view(-1).index_select(0, last)
         # Blocks of SLOT_ALIGN slots: length // SLOT_ALIGN + 1 per response leaves 1 to SLOT_ALIGN pad slots after it.
         blocks = lengths.div(SLOT_ALIGN, rounding_mode="floor").add_(1)
-        block_ends = blocks.cumsum(0)
-        num_blocks, most_blocks = torch.stack([block_ends[-1], blocks.amax()]).tolist()
+        block_ends = blocks.cumsum(0, dtype=torch.int32)
+        sizes = [block_ends[-1], blocks.amax()]
+        if validate:
+            # In the same host read as the sizes: a row's span (last True + 1 - first True) minus its count is >= 0,
+            # and 0 iff the row is one run (an empty row gives -seq); its EOS marks number at least has_eos (the mark
+            # on its last response token), exactly that iff it has no other. All is well iff both excesses are 0.
+            span = (run_end + (mask_bytes * flipped).amax(dim=1)).sub_(seq)
+            sizes.append(span.sub_(lengths).abs_().sum() + (eos_mask.view(torch.uint8).sum() - has_eos.sum()))
+        num_blocks, most_blocks, *excess = torch.stack(sizes).tolist()
+        if excess and excess[0] != 0:
+            check_masks(response_mask, eos_mask)  # names the bad rows
+            raise AssertionError("check_masks accepted masks that from_masks refused")  # unreachable by construction
         width = 1 << most_blocks.bit_length()
         block_starts = block_ends - blocks
         slot_starts = block_starts * SLOT_ALIGN
         # Per response, less what its first block j adds back below: the flat position of its first token, the
-        # number of its tokens, its row in the grid.
-        rows = _arange(batch, torch.int64, device)
+        # number of its tokens, its row in the grid; and the flat position of its last token.
         per_response = torch.stack(
-            [rows * seq + first - slot_starts, lengths + slot_starts, rows * width - block_starts], dim=1
-        ).to(INDEX_DTYPE)
+            [(last - slot_starts).sub_(lengths).add_(1), lengths + slot_starts,
+             _row_starts(batch, width, device) - block_starts, last],
+            dim=1,
+        )  # fmt: skip
         per_block = torch.repeat_interleave(per_response, blocks, dim=0, output_size=num_blocks)
-        block = _arange(num_blocks, INDEX_DTYPE, device)
+        block = _arange(num_blocks, torch.int32, device)
         block_slot = block * SLOT_ALIGN
-        lane = _arange(SLOT_ALIGN, INDEX_DTYPE, device)
-        # Slot i of block j is the response's token SLOT_ALIGN * (j - its first block) + i, if that is < its length.
-        index = ((per_block[:, 0] + block_slot)[:, None] + lane).view(-1)
-        remaining = per_block[:, 1] - block_slot
-        in_run = (remaining[:, None] - lane).clamp_(0, 1).view(-1)  # 0/1 (a comparison is slower on CPU)
+        lane = _arange(SLOT_ALIGN, torch.int32, device)
+        # Slot i of block j holds the response's token SLOT_ALIGN * (j - its first block) + i, if that is < its
+        # length; a pad slot reads the last token (any real entry will do: it is zeroed after the read).
+        index = torch.minimum((per_block[:, 0] + block_slot)[:, None] + lane, per_block[:, 3:]).view(-1)
+        in_run = (per_block[:, 1] - block_slot)[:, None].sub(lane).clamp_(0, 1).view(-1)  # (a comparison is slower)
         size = batch * seq
-        scatter_index = (index - size).mul_(in_run).add_(size)
-        index.mul_(in_run)  # pad slots read position 0
         return cls(
             shape=(batch, seq),
-            index=index,
-            scatter_index=scatter_index,
-            real=in_run.bool(),
-            real_bits=in_run.to(torch.int32),
-            starts=torch.nn.functional.pad(slot_starts, (0, 1), value=num_blocks * SLOT_ALIGN),
-            lengths=lengths,
+            index=index.to(INDEX_DTYPE),
+            scatter_index=(index - size).mul_(in_run).add_(size).to(INDEX_DTYPE),
+            real_float=in_run.to(torch.float32),
+            starts=torch.nn.functional.pad(slot_starts, (0, 1), value=num_blocks * SLOT_ALIGN).long(),
+            lengths=lengths.long(),
             has_eos=has_eos,
-            grid_index=per_block[:, 2] + block,
+            grid_index=(per_block[:, 2] + block).to(INDEX_DTYPE),
             grid_width=width,
         )
 
@@ -143,15 +150,20 @@ class UnpaddedResponses:
         return self.starts[:-1] + self.lengths - 1
 
     @cached_property
+    def real(self) -> torch.Tensor:
+        """``[slots]`` bool: the slot holds a response token (False: pad slot)."""
+        return self.real_float.bool()
+
+    @cached_property
     def eos(self) -> torch.Tensor:
         """``[slots]`` bool: the EOS tokens."""
         return self.real.new_zeros(self.num_slots).index_fill_(0, self.last[self.has_eos], True)
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
-        """``[slots]``: the response entries of ``x`` ``[batch, seq]``, response by response. Pad slots hold
-        whatever ``x`` holds at position 0: the functions of this module never read them."""
+        """``[slots]``: the response entries of ``x`` ``[batch, seq]``, response by response, 0 (False) in the pad
+        slots."""
         check_shape("x", x, self.shape, "the padded batch")
-        return x.reshape(-1).index_select(0, self.index)
+        return _zero_pads(x.reshape(-1).index_select(0, self.index), self)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """``[batch, seq]``: ``x`` ``[slots]`` back at its response positions, 0 at prompt and padding positions."""
@@ -172,14 +184,6 @@ def _arange_table(size: int, dtype: torch.dtype, device: torch.device) -> torch.
     return torch.arange(size, dtype=dtype, device=device)
 
 
-def _zero_pads(x: torch.Tensor, responses: UnpaddedResponses, in_place: bool = False) -> torch.Tensor:
-    """``x`` ``[slots]`` with 0 in the pad slots, whatever they held (in place on a temporary of the caller's)."""
-    if x.dtype == torch.float32 and not (x.requires_grad and torch.is_grad_enabled()):
-        bits = x.view(torch.int32)
-        return (bits.mul_(responses.real_bits) if in_place else bits * responses.real_bits).view(torch.float32)
-    return zero_outside_(x, responses.real) if in_place else zero_outside(x, responses.real)
-
-
 @lru_cache(maxsize=8)
 def _columns(seq: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(1, ..., seq) and (seq, ..., 1) in the narrowest integer dtype that holds seq (read-only, cached)."""
@@ -187,28 +191,27 @@ def _columns(seq: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
     return columns, columns.flip(0)
 
 
-def _check_runs(response_mask, eos_mask, mask_bytes, first, has_eos) -> None:
-    """``validation.check_masks``'s promises from what ``from_masks`` computed anyway (one host sync). A row's first
-    True is at or before ``first`` (its last True + 1 - its count), at it exactly iff the row is one run (an empty
-    row differs too: its first True reads as seq, ``first`` as 0); its EOS marks are at least ``has_eos`` (the mark on its last
-    response token), exactly that iff it has no other. So both differences summed over the batch are 0 iff all is
-    well (in absolute value). On failure ``check_masks`` names the bad rows."""
-    seq = response_mask.shape[1]
-    _, flipped = _columns(seq, response_mask.device)
-    first_true = seq - (mask_bytes * flipped).amax(dim=1).long()  # seq for an empty row
-    surplus = (first - first_true).abs_().sum() + count_true(eos_mask) - has_eos.sum()
-    if bool(surplus != 0):
-        check_masks(response_mask, eos_mask)
-        raise AssertionError("check_masks accepted masks that _check_runs refused")  # unreachable by construction
+@lru_cache(maxsize=16)
+def _row_starts(batch: int, width: int, device: torch.device) -> torch.Tensor:
+    """``[batch]`` int32: 0, width, 2 width, ... (read-only, cached)."""
+    return torch.arange(0, batch * width, width, dtype=torch.int32, device=device)
+
+
+def _zero_pads(x: torch.Tensor, responses: UnpaddedResponses) -> torch.Tensor:
+    """``x`` ``[slots]`` (a temporary of the caller's, read from the response tokens) with 0 in the pad slots, in
+    place."""
+    if x.dtype == torch.bool:
+        return x.logical_and_(responses.real)
+    return x.mul_(responses.real_float if x.is_floating_point() else responses.real_float.to(x.dtype))
 
 
 def segment_ends_from_boundaries(boundary: torch.Tensor, responses: UnpaddedResponses) -> torch.Tensor:
-    """``[slots]`` bool segment ends from a per-token boundary rule ``[slots]`` bool (True may fall anywhere, EOS
-    and pad slots included), with ``segmentation._content_ends``'s conventions: only content tokens end segments, the
-    last content token (before EOS, or the last token of a truncated response) always does, and an EOS-only response
-    ends on its EOS."""
+    """``[slots]`` bool segment ends from a per-token boundary rule ``[slots]`` bool (True may fall on any token,
+    EOS included; False in the pad slots), with ``segmentation._content_ends``'s conventions: only content tokens end
+    segments, the last content token (before EOS, or the last token of a truncated response) always does, and an
+    EOS-only response ends on its EOS."""
     check_shape("boundary", boundary, (responses.num_slots,), "the response slots")
-    ends = boundary & responses.real
+    ends = boundary.clone()
     # The last token ends a segment unless it is an EOS after content; then the token before it does.
     step_back = responses.has_eos & (responses.lengths > 1)
     ends[responses.last] = ~step_back
@@ -245,10 +248,12 @@ class UnpaddedSegments:
 
     @classmethod
     def from_ends(cls, ends: torch.Tensor, responses: UnpaddedResponses, validate: bool = True) -> UnpaddedSegments:
-        """The segments ending at ``ends`` ``[slots]`` bool (pad slots are ignored); ``validate`` checks that every
-        response has an end (a segment ends on its last content token, as every segmentation mode makes it)."""
+        """The segments ending at ``ends`` ``[slots]`` bool (False in the pad slots); ``validate`` checks that, and
+        that every response has an end (a segment ends on its last content token, as every segmentation mode makes
+        it)."""
         check_shape("ends", ends, (responses.num_slots,), "the response slots")
-        ends = ends & responses.real
+        if validate and bool((ends & ~responses.real).view(torch.uint8).amax()):
+            raise ValueError("ends marks pad slots; build [slots] tensors with UnpaddedResponses.unpad")
         batch, device = responses.shape[0], ends.device
         end_at = _arange(responses.num_slots, torch.int64, device).masked_select(ends)  # (nonzero: slower on CPU)
         count = end_at.numel()
@@ -346,8 +351,8 @@ def gae(
     rewards: torch.Tensor, values: torch.Tensor, responses: UnpaddedResponses, gamma: float, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``advantages.gae`` on unpadded responses: (advantages, returns) ``[slots]``, each response on its own
-    (V_next = 0 after its last token), in at least fp32, 0 in pad slots (whatever ``rewards`` and ``values`` hold
-    there).
+    (V_next = 0 after its last token), in at least fp32. ``rewards`` and ``values`` hold 0 in the pad slots (as
+    ``unpad`` leaves them), and so do the outputs.
 
     A_t = sum_{k >= t} (gamma lam)^(k - t) delta_k over the response. The slots come in blocks of SLOT_ALIGN that
     never hold two responses: one matmul gives each block's own sums (``advantages.block_reverse_sums``); the sum at
@@ -364,34 +369,33 @@ def gae(
     dtype = torch.promote_types(torch.promote_types(rewards.dtype, values.dtype), torch.float32)
     rewards, values = rewards.detach().to(dtype), values.detach().to(dtype)
     decay = gamma * lam
-    # delta_t = r_t + gamma * V_next - V_t. V is 0 in the pad slot after each response (its V_next); the last pad slot
-    # of a response reads the next response's first value, so delta is zeroed in every pad slot afterwards.
-    v = _zero_pads(values, responses)
-    delta = torch.sub(rewards, v)
-    delta[:-1].add_(v[1:], alpha=gamma)
-    _zero_pads(delta, responses, in_place=True)
+    # delta_t = r_t + gamma * V_next - V_t. V is 0 in the pad slot after each response (its V_next), and delta is 0 in
+    # its pad slots, except the last, which reads the next response's first value: that one is zeroed.
+    delta = torch.sub(rewards, values)
+    delta[:-1].add_(values[1:], alpha=gamma)
+    delta.index_fill_(0, responses.starts[1:-1] - 1, 0.0)
     local = block_reverse_sums(delta.view(-1, SLOT_ALIGN), decay)  # [blocks, SLOT_ALIGN]
     # One grid row per response, one column per block (a spare column reads as the sum after the last block), the
     # width a power of two so that the filter's cached matrices serve many batches.
     batch, width = responses.shape[0], responses.grid_width
     grid = local.new_zeros(batch * width).scatter_(0, responses.grid_index, local[:, 0])
     at_block_start = discounted_reverse_cumsum(grid.view(batch, width), decay**SLOT_ALIGN).reshape(-1)
-    after_block = at_block_start.index_select(0, responses.grid_index + 1)
+    after_block = at_block_start[1:].index_select(0, responses.grid_index)  # the next column
     advantages = local.addcmul_(after_block[:, None], _into_block(float(decay), local.dtype, local.device))
     advantages = advantages.view(-1).to(dtype)
-    return advantages, v.add_(advantages)
+    return advantages, torch.add(values, advantages)
 
 
 def whiten(values: torch.Tensor, responses: UnpaddedResponses, eps: float = 1e-8) -> torch.Tensor:
     """(values - mean) / sqrt(var + eps) with the statistics of the response tokens (``ppo.masked_whiten``'s numbers,
-    summed in fp64). One host read (the two sums); the pad slots are not read, and hold garbage after."""
+    summed in fp64), 0 in the pad slots (where ``values`` holds 0). One host read (the two sums)."""
     check_shape("values", values, (responses.num_slots,), "the response slots")
-    x = _zero_pads(values.detach(), responses).double()
+    x = values.detach().double()
     total, squares = torch.stack([x.sum(), torch.dot(x, x)]).tolist()
     count = max(responses.num_tokens, 1)
     mean = total / count
     scale = 1.0 / math.sqrt(max(squares / count - mean * mean, 0.0) + eps)
-    return torch.sub(values, mean).mul_(scale)
+    return _zero_pads(torch.sub(values, mean).mul_(scale), responses)
 
 
 def normalize(normalizer: Normalizer, rewards: torch.Tensor, segments: UnpaddedSegments) -> torch.Tensor:

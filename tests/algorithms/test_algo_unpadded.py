@@ -52,13 +52,15 @@ def test_unpad_lays_responses_out_in_aligned_slots_and_pad_inverts_it(batch):
     assert responses.starts.tolist() == starts
     assert all(start % up.SLOT_ALIGN == 0 for start in starts)
     assert responses.real.tolist() == [slot is not None for slot in slots]
-    assert responses.real_bits.tolist() == [int(slot is not None) for slot in slots]
+    assert responses.real_float.tolist() == [float(slot is not None) for slot in slots]
     got = responses.unpad(batch.values).tolist()
     assert [v for v, slot in zip(got, slots) if slot] == [batch.values[b, j].item() for b, j in filter(None, slots)]
     assert responses.scatter_index.tolist() == [b * seq + j if slot else batch.values.numel()
                                                 for slot in slots for b, j in [slot or (0, 0)]]
-    garbage = torch.where(responses.real, responses.unpad(batch.values), float("nan"))
-    assert torch.equal(responses.pad(garbage), torch.where(batch.response_mask, batch.values, 0.0))
+    # NaN outside the responses stays out: the pad slots hold 0.
+    unpadded = responses.unpad(torch.where(batch.response_mask, batch.values, float("nan")))
+    assert not unpadded[~responses.real].any()
+    assert torch.equal(responses.pad(unpadded), torch.where(batch.response_mask, batch.values, 0.0))
     assert torch.equal(responses.eos, responses.unpad(batch.eos_mask) & responses.real)
     # GAE's grid: block j is (its response, its block within the response) of a power-of-two width with room for one
     # more column than the longest response has blocks.
@@ -76,7 +78,7 @@ def test_entropy_and_token_ends_equal_the_padded_segmentation(batch, cutoff):
     got = up.entropy_segment_ends(responses.unpad(batch.entropy), responses, cutoff)
     assert torch.equal(responses.pad(got), padded)
     assert not (got & ~responses.real).any()
-    every = up.segment_ends_from_boundaries(torch.ones_like(responses.eos), responses)
+    every = up.segment_ends_from_boundaries(responses.real.clone(), responses)  # False in the pad slots
     assert torch.equal(responses.pad(every), token_segment_ends(batch.response_mask, batch.eos_mask))
     assert not (every & ~responses.real).any()
 
@@ -165,7 +167,7 @@ def test_gae_in_fp32_over_long_responses_stays_close_to_fp64():
 @pytest.mark.parametrize("decay", [0.0, 0.5, 0.95, 1.0])
 def test_gae_across_block_and_grid_boundaries_equals_the_textbook_loop(decay):
     """Lengths on either side of a block edge (SLOT_ALIGN), one response of 1, and a long one whose blocks span
-    several blocks of the per-response grid filter; NaN in every pad slot of the inputs must not leak in."""
+    several blocks of the per-response grid filter; NaN at every prompt and padding position must not leak in."""
     lengths = [up.SLOT_ALIGN - 1, up.SLOT_ALIGN, up.SLOT_ALIGN + 1, 1, 2 * up.SLOT_ALIGN, 40 * up.SLOT_ALIGN + 3]
     seq = max(lengths) + 5
     mask = torch.arange(seq) < torch.tensor(lengths)[:, None]
@@ -173,8 +175,9 @@ def test_gae_across_block_and_grid_boundaries_equals_the_textbook_loop(decay):
     gen = torch.Generator().manual_seed(7)
     rewards, values = (torch.randn(mask.shape, generator=gen, dtype=torch.float64) for _ in range(2))
     responses = up.UnpaddedResponses.from_masks(mask, torch.zeros_like(mask))
-    unpad = lambda x: torch.where(responses.real, responses.unpad(x), float("nan"))  # noqa: E731
+    unpad = lambda x: responses.unpad(torch.where(mask, x, float("nan")))  # noqa: E731
     adv, ret = up.gae(unpad(rewards), unpad(values), responses, 1.0, decay)
+    assert not adv[~responses.real].any() and not ret[~responses.real].any()
     for b in range(len(lengths)):
         expected, _ = ref.gae_row(torch.where(mask[b], rewards[b], 0.0).tolist(),
                                   torch.where(mask[b], values[b], 0.0).tolist(), mask[b].tolist(), 1.0, decay)
@@ -186,6 +189,7 @@ def test_gae_across_block_and_grid_boundaries_equals_the_textbook_loop(decay):
 def test_whiten_uses_the_response_tokens_only(batch):
     responses = _responses(batch)
     values = torch.randn(batch.values.shape, generator=torch.Generator().manual_seed(2))
-    garbage = torch.where(responses.real, responses.unpad(values), float("inf"))
-    got = responses.pad(up.whiten(garbage, responses))
+    whitened = up.whiten(responses.unpad(values), responses)
+    assert not whitened[~responses.real].any()
+    got = responses.pad(whitened)
     torch.testing.assert_close(got, ppo.masked_whiten(values, batch.response_mask), rtol=1e-5, atol=1e-5)
