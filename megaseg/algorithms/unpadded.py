@@ -99,7 +99,8 @@ class UnpaddedResponses:
             # and 0 iff the row is one run (an empty row gives -seq); its EOS marks number at least has_eos (the mark
             # on its last response token), exactly that iff it has no other. All is well iff both excesses are 0.
             span = (run_end + (mask_bytes * flipped).amax(dim=1)).sub_(seq)
-            sizes.append(span.sub_(lengths).abs_().sum() + (eos_mask.view(torch.uint8).sum() - has_eos.sum()))
+            eos_marks = eos_mask.view(torch.uint8).sum(dtype=torch.int32)  # (int32: twice as fast as int64 on CPU)
+            sizes.append(span.sub_(lengths).abs_().sum() + (eos_marks - has_eos.sum()))
         num_blocks, most_blocks, *excess = torch.stack(sizes).tolist()
         if excess and excess[0] != 0:
             check_masks(response_mask, eos_mask)  # names the bad rows
