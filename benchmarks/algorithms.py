@@ -1,13 +1,15 @@
 """Benchmark of megaseg.algorithms: the vectorised segment-reward pipeline vs a per-sequence Python loop, and the peak
 memory of token_entropy with and without chunking.
 
-    .venv/bin/python benchmarks/algorithms.py [--batch 64] [--seq 2048] [--loop-rows 8] [--threads 1] [--device cpu]
+    .venv/bin/python benchmarks/algorithms.py [--batch 64] [--seq 2048] [--loop-rows 8] [--threads N] [--device cpu]
 
 Pipeline (one PPO rollout batch, after the model forwards): entropy segmentation -> locations p -> mean segment reward
 (the RM's e(x, y), logged) -> location normalizer -> even interpolation -> clamp -> KL penalty -> GAE -> whitening,
 from right-padded [batch, seq] inputs to [batch, seq] advantages. Two vectorised paths of megaseg.algorithms are timed:
-- unpadded (``megaseg.algorithms.unpadded``): the response tokens of every row are listed end to end once, every step
-  runs over those N tokens (per-segment steps over the K segments), and the advantages are padded back at the end;
+- unpadded (``megaseg.algorithms.unpadded``): the response tokens of every row are listed end to end once (in slots
+  aligned to 16), every step runs over those slots (per-segment steps over the K segments), the reward head output is
+  read at the K segment ends straight from the padded tensor, the KL log-ratio is taken on the padded batch and
+  gathered once, and the advantages are padded back at the end;
 - padded: one ``SegmentLayout`` from the segment ends, segment rewards packed (segment t in column t) from the reward
   head output to the interpolation, every per-token step over the whole [batch, seq] grid.
 Both validate their inputs once, where they enter. ``speedup`` is the unpadded path's.
@@ -15,7 +17,8 @@ The loop reference runs the same steps one sequence at a time with the plain-Pyt
 tests/algorithms/algo_reference.py; it is timed on ``--loop-rows`` evenly spaced rows and extrapolated linearly in the
 number of response tokens (its cost is a fixed amount of Python work per token; the final whitening is one more pass
 over the tokens), best of ``--loop-repeats`` runs. Each vectorised time is the best of 3 interleaved rounds of
-``--repeats`` runs after a warm-up. All are noisy on a shared machine; the vectorised ones also depend on the state of
+``--repeats`` runs after a warm-up, on torch's default threads (one per core: the loop cannot use more than one,
+the tensor code can), and the unpadded path once more on one thread. All are noisy on a shared machine; the vectorised ones also depend on the state of
 glibc's heap (a fresh process returns freed buffers to the kernel and faults them back in on the next call; a trainer
 that has freed large buffers keeps them: ``*_page_faults_per_call`` counts the pages faulted back in), so compare
 figures from runs made back to back.
@@ -178,6 +181,11 @@ def time_pipelines(batch: int, seq: int, loop_rows: int, device: str, repeats: i
     (unpadded_time, unpadded_faults), (vec_time, vec_faults), (vec_time_all, _) = (
         min(timings[name]) for name in paths
     )
+    # The unpadded path on one thread too (a machine whose other cores are busy).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    unpadded_one_thread = min(best_time(unpadded_pipeline)[0] for _ in range(3))
+    torch.set_num_threads(threads)
 
     rows = torch.linspace(0, batch - 1, loop_rows).round().long().unique().tolist()
     # Best of ``loop_repeats`` like the vectorised side: one sample of a ~10 ms Python loop on a shared machine is
@@ -210,7 +218,7 @@ def time_pipelines(batch: int, seq: int, loop_rows: int, device: str, repeats: i
         "pipeline_device": device,
         "response_tokens": tokens,
         "segments": segments,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": threads,
         "unpadded_s": round(unpadded_time, 5),
         "unpadded_page_faults_per_call": unpadded_faults,
         "padded_s": round(vec_time, 5),
@@ -223,6 +231,8 @@ def time_pipelines(batch: int, seq: int, loop_rows: int, device: str, repeats: i
         "loop_extrapolated_s": round(loop_time, 4),
         "loop_extrapolated_without_tolist_s": round(loop_time_compute_only, 4),
         "speedup": round(loop_time / unpadded_time, 1),
+        "unpadded_one_thread_s": round(unpadded_one_thread, 5),
+        "speedup_one_thread": round(loop_time / unpadded_one_thread, 1),
         "speedup_vs_loop_without_tolist": round(loop_time_compute_only / unpadded_time, 1),
         "speedup_padded": round(loop_time / vec_time, 1),
         "speedup_padded_validate_everywhere": round(loop_time / vec_time_all, 1),
@@ -271,24 +281,26 @@ def main() -> None:
     parser.add_argument("--loop-repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
-        "--threads", type=int, default=1,
-        help="torch CPU threads; 1 by default: on a small shared machine, multi-threaded elementwise ops spend more "
-        "time in thread hand-offs than they save at this size",
+        "--threads", type=int, default=None,
+        help="torch CPU threads for the vectorised paths (default: torch's own, one per core); the unpadded path is "
+        "also timed on one thread",
     )  # fmt: skip
     parser.add_argument("--positions", type=int, default=2 * 1024)
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--chunk", type=int, default=256)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     figures = time_pipelines(args.batch, args.seq, args.loop_rows, args.device, args.repeats, args.loop_repeats)
     print(
-        f"pipeline {args.batch}x{args.seq} on {args.device} ({args.threads} thread(s)): unpadded "
-        f"{figures['unpadded_s'] * 1e3:.2f} ms, padded {figures['padded_s'] * 1e3:.2f} ms "
+        f"pipeline {args.batch}x{args.seq} on {args.device} ({figures['torch_threads']} thread(s)): unpadded "
+        f"{figures['unpadded_s'] * 1e3:.2f} ms ({figures['unpadded_one_thread_s'] * 1e3:.2f} ms on one), padded {figures['padded_s'] * 1e3:.2f} ms "
         f"({figures['padded_validate_everywhere_s'] * 1e3:.2f} ms validating in every function), "
         f"loop {figures['loop_extrapolated_s']:.3f} s (timed on {figures['loop_rows_timed']} rows = "
         f"{figures['loop_tokens_timed']} tokens, extrapolated linearly to {figures['response_tokens']} tokens) -> "
-        f"{figures['speedup']}x unpadded, {figures['speedup_padded']}x padded; max |diff| vs loop "
+        f"{figures['speedup']}x unpadded ({figures['speedup_one_thread']}x on one thread), "
+        f"{figures['speedup_padded']}x padded; max |diff| vs loop "
         f"{figures['max_abs_diff_vs_loop']:.2e}"
     )
 

@@ -57,7 +57,8 @@ class UnpaddedResponses:
     """
 
     shape: tuple[int, int]  # (batch, seq) of the padded batch
-    index: torch.Tensor  # [slots] INDEX_DTYPE: row-major flat position in [batch, seq] of each slot's token; 0 for pads
+    # [slots] INDEX_DTYPE: row-major flat position in [batch, seq] of each slot's token (a pad slot: its response's last)
+    index: torch.Tensor
     scatter_index: torch.Tensor  # [slots] INDEX_DTYPE: ``index`` with the pad slots at batch * seq (past the grid)
     # [slots] float32: 1 in response slots, 0 in pad slots. A pad slot reads a token of its response, so multiplying
     # by this mask zeroes it (one op; only a non-finite token, which the pipeline refuses or propagates anyway, would
@@ -98,7 +99,7 @@ class UnpaddedResponses:
             # In the same host read as the sizes: a row's span (last True + 1 - first True) minus its count is >= 0,
             # and 0 iff the row is one run (an empty row gives -seq); its EOS marks number at least has_eos (the mark
             # on its last response token), exactly that iff it has no other. All is well iff both excesses are 0.
-            span = (run_end + (mask_bytes * flipped).amax(dim=1)).sub_(seq)
+            span = (mask_bytes * flipped).amax(dim=1).int().add_(run_end).sub_(seq)  # (int32: 2 seq may not fit int16)
             eos_marks = eos_mask.view(torch.uint8).sum(dtype=torch.int32)  # (int32: twice as fast as int64 on CPU)
             sizes.append(span.sub_(lengths).abs_().sum() + (eos_marks - has_eos.sum()))
         num_blocks, most_blocks, *excess = torch.stack(sizes).tolist()
@@ -212,7 +213,11 @@ def segment_ends_from_boundaries(boundary: torch.Tensor, responses: UnpaddedResp
     segments, the last content token (before EOS, or the last token of a truncated response) always does, and an
     EOS-only response ends on its EOS."""
     check_shape("boundary", boundary, (responses.num_slots,), "the response slots")
-    ends = boundary.clone()
+    return _content_ends_(boundary.clone(), responses)
+
+
+def _content_ends_(ends: torch.Tensor, responses: UnpaddedResponses) -> torch.Tensor:
+    """``segment_ends_from_boundaries`` in place on a boundary mask of the caller's own."""
     # The last token ends a segment unless it is an EOS after content; then the token before it does.
     step_back = responses.has_eos & (responses.lengths > 1)
     ends[responses.last] = ~step_back
@@ -228,7 +233,7 @@ def entropy_segment_ends(
     check_shape("entropy", entropy, (responses.num_slots,), "the response slots")
     check_nonnegative_float("cutoff", cutoff)
     check_finite("entropy", entropy, where=lambda: responses.real & ~responses.eos, validate=validate)
-    return segment_ends_from_boundaries(entropy > cutoff, responses)
+    return _content_ends_(entropy > cutoff, responses)
 
 
 @dataclass(frozen=True, eq=False)
