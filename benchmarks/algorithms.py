@@ -16,7 +16,7 @@ Both validate their inputs once, where they enter. ``speedup`` is the unpadded p
 The loop reference runs the same steps one sequence at a time with the plain-Python functions of
 tests/algorithms/algo_reference.py; it is timed on ``--loop-rows`` evenly spaced rows and extrapolated linearly in the
 number of response tokens (its cost is a fixed amount of Python work per token; the final whitening is one more pass
-over the tokens), best of ``--loop-repeats`` runs. Each vectorised time is the best of 3 interleaved rounds of
+over the tokens), best of ``--loop-repeats`` runs. Each vectorised time is the best of ``--rounds`` interleaved rounds of
 ``--repeats`` runs after a warm-up, on torch's default threads (one per core: the loop cannot use more than one,
 the tensor code can), and the unpadded path once more on one thread. All are noisy on a shared machine; the vectorised ones also depend on the state of
 glibc's heap (a fresh process returns freed buffers to the kernel and faults them back in on the next call; a trainer
@@ -150,7 +150,9 @@ def loop_pipeline(r: dict[str, list], rows: list[int]) -> list[list[float]]:
     return [[(a - mean) * scale if m else 0.0 for a, m in zip(row, r["response_mask"][b])] for b, row in zip(rows, out)]
 
 
-def time_pipelines(batch: int, seq: int, loop_rows: int, device: str, repeats: int, loop_repeats: int) -> dict:
+def time_pipelines(
+    batch: int, seq: int, loop_rows: int, device: str, repeats: int, loop_repeats: int, rounds: int
+) -> dict:
     rollout = make_rollout(batch, seq, device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
@@ -175,7 +177,7 @@ def time_pipelines(batch: int, seq: int, loop_rows: int, device: str, repeats: i
         "padded": vectorised_pipeline,
         "padded_validate_everywhere": lambda r: vectorised_pipeline(r, validate_all=True),
     }
-    for _ in range(3):
+    for _ in range(rounds):
         for name, pipeline in paths.items():
             timings[name].append(best_time(pipeline))
     (unpadded_time, unpadded_faults), (vec_time, vec_faults), (vec_time_all, _) = (
@@ -184,7 +186,7 @@ def time_pipelines(batch: int, seq: int, loop_rows: int, device: str, repeats: i
     # The unpadded path on one thread too (a machine whose other cores are busy).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    unpadded_one_thread = min(best_time(unpadded_pipeline)[0] for _ in range(3))
+    unpadded_one_thread = min(best_time(unpadded_pipeline)[0] for _ in range(rounds))
     torch.set_num_threads(threads)
 
     rows = torch.linspace(0, batch - 1, loop_rows).round().long().unique().tolist()
@@ -278,6 +280,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--loop-rows", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument(
+        "--rounds", type=int, default=5,
+        help="interleaved rounds of --repeats timed runs per vectorised path; more rounds spread the samples over "
+        "more time, so that a neighbour's burst on a shared machine is less likely to hit all of them",
+    )  # fmt: skip
     parser.add_argument("--loop-repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
@@ -292,7 +299,9 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    figures = time_pipelines(args.batch, args.seq, args.loop_rows, args.device, args.repeats, args.loop_repeats)
+    figures = time_pipelines(
+        args.batch, args.seq, args.loop_rows, args.device, args.repeats, args.loop_repeats, args.rounds
+    )
     print(
         f"pipeline {args.batch}x{args.seq} on {args.device} ({figures['torch_threads']} thread(s)): unpadded "
         f"{figures['unpadded_s'] * 1e3:.2f} ms ({figures['unpadded_one_thread_s'] * 1e3:.2f} ms on one), padded {figures['padded_s'] * 1e3:.2f} ms "
