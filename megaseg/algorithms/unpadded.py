@@ -71,6 +71,7 @@ class UnpaddedResponses:
     # [batch, grid_width] grid, row = its response, column = its index within the response.
     grid_index: torch.Tensor  # [slots / SLOT_ALIGN] INDEX_DTYPE
     grid_width: int  # a power of two > the most blocks of any response (the spare column reads as 0)
+    num_tokens: int  # N, the number of response tokens
 
     @classmethod
     def from_masks(
@@ -94,7 +95,7 @@ class UnpaddedResponses:
         # Blocks of SLOT_ALIGN slots: length // SLOT_ALIGN + 1 per response leaves 1 to SLOT_ALIGN pad slots after it.
         blocks = lengths.div(SLOT_ALIGN, rounding_mode="floor").add_(1)
         block_ends = blocks.cumsum(0, dtype=torch.int32)
-        sizes = [block_ends[-1], blocks.amax()]
+        sizes = [block_ends[-1], blocks.amax(), lengths.sum()]
         if validate:
             # In the same host read as the sizes: a row's span (last True + 1 - first True) minus its count is >= 0,
             # and 0 iff the row is one run (an empty row gives -seq); its EOS marks number at least has_eos (the mark
@@ -102,7 +103,7 @@ class UnpaddedResponses:
             span = (mask_bytes * flipped).amax(dim=1).int().add_(run_end).sub_(seq)  # (int32: 2 seq may not fit int16)
             eos_marks = eos_mask.view(torch.uint8).sum(dtype=torch.int32)  # (int32: twice as fast as int64 on CPU)
             sizes.append(span.sub_(lengths).abs_().sum() + (eos_marks - has_eos.sum()))
-        num_blocks, most_blocks, *excess = torch.stack(sizes).tolist()
+        num_blocks, most_blocks, num_tokens, *excess = torch.stack(sizes).tolist()
         if excess and excess[0] != 0:
             check_masks(response_mask, eos_mask)  # names the bad rows
             raise AssertionError("check_masks accepted masks that from_masks refused")  # unreachable by construction
@@ -130,21 +131,17 @@ class UnpaddedResponses:
             index=index.to(INDEX_DTYPE),
             scatter_index=(index - size).mul_(in_run).add_(size).to(INDEX_DTYPE),
             real_float=in_run.to(torch.float32),
-            starts=torch.nn.functional.pad(slot_starts, (0, 1), value=num_blocks * SLOT_ALIGN).long(),
+            starts=torch.constant_pad_nd(slot_starts, (0, 1), num_blocks * SLOT_ALIGN).long(),
             lengths=lengths.long(),
             has_eos=has_eos,
             grid_index=(per_block[:, 2] + block).to(INDEX_DTYPE),
             grid_width=width,
+            num_tokens=num_tokens,
         )
 
     @property
     def num_slots(self) -> int:
         return self.index.numel()
-
-    @cached_property
-    def num_tokens(self) -> int:
-        """N, the number of response tokens (one host sync)."""
-        return int(self.lengths.sum())
 
     @cached_property
     def last(self) -> torch.Tensor:
@@ -155,6 +152,12 @@ class UnpaddedResponses:
     def real(self) -> torch.Tensor:
         """``[slots]`` bool: the slot holds a response token (False: pad slot)."""
         return self.real_float.bool()
+
+    @cached_property
+    def eos_after_content(self) -> torch.Tensor:
+        """``[batch]`` bool: the response ends with an EOS after content tokens. Its last content token, which ends
+        its last segment, is then the one before the EOS; an EOS-only response's one segment is its EOS."""
+        return self.has_eos & (self.lengths > 1)
 
     @cached_property
     def eos(self) -> torch.Tensor:
@@ -219,10 +222,9 @@ def segment_ends_from_boundaries(boundary: torch.Tensor, responses: UnpaddedResp
 def _content_ends_(ends: torch.Tensor, responses: UnpaddedResponses) -> torch.Tensor:
     """``segment_ends_from_boundaries`` in place on a boundary mask of the caller's own."""
     # The last token ends a segment unless it is an EOS after content; then the token before it does.
-    step_back = responses.has_eos & (responses.lengths > 1)
-    ends[responses.last] = ~step_back
-    ends[responses.last - step_back.long()] = True
-    return ends
+    step_back = responses.eos_after_content
+    ends.index_copy_(0, responses.last, ~step_back)
+    return ends.index_fill_(0, responses.last - step_back.long(), True)
 
 
 def entropy_segment_ends(
@@ -238,10 +240,13 @@ def entropy_segment_ends(
 
 @dataclass(frozen=True, eq=False)
 class UnpaddedSegments:
-    """The segments of unpadded responses, listed response by response (K in all), and where each token's is.
+    """The segments of unpadded responses, listed response by response (K in all).
 
     Build with ``UnpaddedSegments.from_ends``. Per-segment tensors are ``[K]``: entry k is segment
-    ``index_in_response[k]`` of response ``response_of[k]``.
+    ``index_in_response[k]`` of response ``response_of[k]``. A response's segments run from its first token to its
+    last end, which is its last token or the one before (the last content token before EOS in entropy, token,
+    sentence and n-gram mode; the EOS in bandit mode); the token after the last end, if any, and the pad slots are in
+    no segment.
     """
 
     responses: UnpaddedResponses
@@ -250,34 +255,34 @@ class UnpaddedSegments:
     index_in_response: torch.Tensor  # [K] int64: t, 0-based within its response
     num_segments: torch.Tensor  # [batch] int64: T of each response (>= 1)
     lengths: torch.Tensor  # [K] int64: |a_t|, tokens of each segment
-    token_segment: torch.Tensor  # [slots] int64: the segment of each token, K for tokens in no segment and pad slots
+    # [slots] int64: the segment of each token a segment covers (the number of ends before it); the slots after a
+    # response's last end read its next response's first segment (K after the last response): masked where it matters.
+    token_segment: torch.Tensor
+    ends_on_last: torch.Tensor  # [batch] bool: the response's last end is its last token (no token after it)
 
     @classmethod
     def from_ends(cls, ends: torch.Tensor, responses: UnpaddedResponses, validate: bool = True) -> UnpaddedSegments:
-        """The segments ending at ``ends`` ``[slots]`` bool (False in the pad slots); ``validate`` checks that, and
-        that every response has an end (a segment ends on its last content token, as every segmentation mode makes
-        it)."""
+        """The segments ending at ``ends`` ``[slots]`` bool (False in the pad slots), whose last end in every response
+        is on its last token or the one before (as every segmentation mode makes it); ``validate`` checks both (one
+        host read)."""
         check_shape("ends", ends, (responses.num_slots,), "the response slots")
-        if validate and bool((ends & ~responses.real).view(torch.uint8).amax()):
-            raise ValueError("ends marks pad slots; build [slots] tensors with UnpaddedResponses.unpad")
         batch, device = responses.shape[0], ends.device
         end_at = _arange(responses.num_slots, torch.int64, device).masked_select(ends)  # (nonzero: slower on CPU)
         count = end_at.numel()
-        ends_int = ends.view(torch.uint8)
-        ends_before = ends_int.cumsum(0).sub_(ends_int)  # [slots] int64 (an int32 cumsum of bytes is slower on CPU)
+        # ends_before[i]: the ends before slot i, for i up to the number of slots (where it reads K).
+        ends_before = torch.zeros(responses.num_slots + 1, dtype=torch.int64, device=device)
+        torch.cumsum(ends.view(torch.uint8), 0, out=ends_before[1:])
         # The ends before a response's first slot index its first segment.
-        first = ends_before.index_select(0, responses.starts[:-1])
-        next_first = torch.nn.functional.pad(first[1:], (0, 1), value=count)
-        num_segments = next_first - first
-        if validate and bool((num_segments == 0).any()):
-            empty = (num_segments == 0).nonzero().flatten().tolist()
-            raise ValueError(f"responses {empty[:8]} have no segment end; every response needs at least one")
+        first_segment = ends_before.index_select(0, responses.starts)
+        first = first_segment[:-1]
+        num_segments = first_segment[1:] - first
+        last_end = end_at.index_select(0, (first_segment[1:] - 1).clamp_(min=0)) if count else first
+        if validate:
+            _check_ends(ends, responses, num_segments, last_end)
         response_of = torch.repeat_interleave(_arange(batch, torch.int64, device), num_segments, output_size=count)
         index_in_response = _arange(count, torch.int64, device) - first.index_select(0, response_of)
         # |a_t| is the distance from the previous end, which for a response's first segment is the slot before it.
-        previous_end = torch.nn.functional.pad(end_at[:-1], (1, 0))
-        previous_end[first] = responses.starts[:-1] - 1
-        last_end = end_at.index_select(0, next_first - 1)
+        previous_end = end_at.roll(1).index_copy_(0, first, responses.starts[:-1] - 1)
         return cls(
             responses=responses,
             end_at=end_at,
@@ -285,7 +290,8 @@ class UnpaddedSegments:
             index_in_response=index_in_response,
             num_segments=num_segments,
             lengths=end_at - previous_end,
-            token_segment=_token_segments(ends_before, count, last_end, responses),
+            token_segment=ends_before[:-1],
+            ends_on_last=last_end == responses.last,
         )
 
     @property
@@ -316,7 +322,7 @@ class UnpaddedSegments:
 
     def token_rewards(self, segment_values: torch.Tensor, mode: str = "even") -> torch.Tensor:
         """``[slots]`` per-token rewards from segment rewards ``[K]`` (``interpolation.token_rewards``'s modes);
-        tokens in no segment and pad slots get 0."""
+        an EOS after content and the pad slots get 0."""
         check_choice("interpolation mode", mode, INTERPOLATION_MODES)
         check_shape("segment_values", segment_values, (self.count,), "the segments")
         if mode == "none":
@@ -324,26 +330,36 @@ class UnpaddedSegments:
             return out.index_copy_(0, self.end_at, segment_values)
         if mode == "even":
             segment_values = segment_values / self.lengths.to(segment_values.dtype)
-        # Entry K, read by the tokens in no segment, is 0.
-        table = torch.nn.functional.pad(segment_values, (0, 1))
-        return table.index_select(0, self.token_segment)
+        # Entry K is read by the slots after the last response's last end; every slot after a last end is masked.
+        table = torch.constant_pad_nd(segment_values, (0, 1))
+        return table.index_select(0, self.token_segment).mul_(self._covered_float)
+
+    @cached_property
+    def _covered_float(self) -> torch.Tensor:
+        """``[slots]`` float32: 1 on the tokens a segment covers, 0 on the token after a last end and the pad slots."""
+        last = self.responses.last
+        return self.responses.real_float.clone().index_copy_(0, last, self.ends_on_last.float())
 
 
-def _token_segments(
-    ends_before: torch.Tensor, count: int, last_end: torch.Tensor, responses: UnpaddedResponses
-) -> torch.Tensor:
-    """``[slots]`` int64: the segment of each token, which is the number of ends before it (``ends_before``, reused
-    in place), except for the slots after their response's last end ``last_end`` ``[batch]``, which get ``count`` (K).
-    Those are the pad slots and at most the EOS in every segmentation mode: a few per response, listed from the
-    per-response tail lengths rather than found by a test over every slot."""
-    tail_lengths = responses.starts[1:] - 1 - last_end
-    num_tail = int(tail_lengths.sum())
-    # Tail slot i of response b sits at last_end[b] + 1 + i.
-    tail_starts = torch.repeat_interleave(
-        last_end + 1 - (tail_lengths.cumsum(0) - tail_lengths), tail_lengths, output_size=num_tail
-    )
-    tail = tail_starts + torch.arange(num_tail, device=tail_starts.device)
-    return ends_before.index_fill_(0, tail, count)
+def _check_ends(
+    ends: torch.Tensor, responses: UnpaddedResponses, num_segments: torch.Tensor, last_end: torch.Tensor
+) -> None:
+    """``from_ends``' promises, in one host read: no end in a pad slot, at least one end per response, and its last
+    end on its last token or the one before."""
+    on_pads = (ends & ~responses.real).sum()
+    early = last_end < responses.last - 1
+    empty, misplaced, _ = torch.stack([(num_segments == 0).sum(), on_pads, early.sum()]).tolist()
+    if misplaced:
+        raise ValueError("ends marks pad slots; build [slots] tensors with UnpaddedResponses.unpad")
+    if empty:
+        rows = (num_segments == 0).nonzero().flatten().tolist()
+        raise ValueError(f"responses {rows[:8]} have no segment end; every response needs at least one")
+    if early.any():
+        rows = early.nonzero().flatten().tolist()
+        raise ValueError(
+            f"responses {rows[:8]} have more than one token after their last segment end; a segmentation ends its "
+            "last segment on the last content token (or the EOS)"
+        )
 
 
 @lru_cache(maxsize=8)

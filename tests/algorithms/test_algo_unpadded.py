@@ -114,6 +114,32 @@ def test_a_response_without_a_segment_end_is_refused():
         up.UnpaddedSegments.from_ends(ends, responses)
 
 
+def test_ends_in_pad_slots_or_far_before_the_last_token_are_refused():
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    responses = up.UnpaddedResponses.from_masks(mask, torch.zeros_like(mask))
+    early = responses.unpad(torch.tensor([[True, False, False], [False, True, False]]))
+    with pytest.raises(ValueError, match=r"responses \[0\] have more than one token after their last segment end"):
+        up.UnpaddedSegments.from_ends(early, responses)
+    on_pad = responses.unpad(torch.tensor([[False, False, True], [False, True, False]]))
+    on_pad[responses.last[1] + 1] = True
+    with pytest.raises(ValueError, match="ends marks pad slots"):
+        up.UnpaddedSegments.from_ends(on_pad, responses)
+
+
+def test_a_token_after_the_last_end_gets_no_reward_as_in_the_padded_layout():
+    """Ends one token short of a response without EOS: that last token is in no segment (the padded functions' rule
+    for tokens after the last end)."""
+    mask = torch.tensor([[True, True, True, False], [False, True, True, True]])
+    eos = torch.tensor([[False, False, False, False], [False, False, False, True]])
+    ends = torch.tensor([[True, True, False, False], [False, False, True, False]])
+    values = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
+    responses = up.UnpaddedResponses.from_masks(mask, eos)
+    segments = up.UnpaddedSegments.from_ends(responses.unpad(ends), responses)
+    for how in ("even", "repeat", "none"):
+        got = responses.pad(segments.token_rewards(segments.at_ends(values), how))
+        assert torch.equal(got, token_rewards(values, ends, mask, how))
+
+
 def test_bad_masks_are_refused_with_the_padded_messages():
     holes = torch.tensor([[True, False, True]])
     with pytest.raises(ValueError, match="contiguous"):
