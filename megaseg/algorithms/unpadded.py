@@ -31,7 +31,6 @@ remove-padding paths of other trainers, sizes must be known to allocate.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
@@ -313,7 +312,7 @@ class UnpaddedSegments:
     def positions(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``[K]`` locations p = (t + 1) / T."""
         total = self.num_segments.index_select(0, self.response_of)
-        return (self.index_in_response + 1).to(dtype) / total.to(dtype)
+        return torch.true_divide(self.index_in_response + 1, total).to(dtype)  # integers divide into the default dtype
 
     def mean(self, segment_values: torch.Tensor) -> torch.Tensor:
         """``[batch]`` the mean of each response's segment values ``[K]`` (the RM's e(x, y) with mean aggregation)."""
@@ -409,15 +408,15 @@ def gae(
 
 
 def whiten(values: torch.Tensor, responses: UnpaddedResponses, eps: float = 1e-8) -> torch.Tensor:
-    """(values - mean) / sqrt(var + eps) with the statistics of the response tokens (``ppo.masked_whiten``'s numbers,
-    summed in fp64), 0 in the pad slots (where ``values`` holds 0). One host read (the two sums)."""
+    """(values - mean) / sqrt(var + eps) with the statistics of the response tokens (``ppo.masked_whiten``'s numbers),
+    0 in the pad slots. The mean is summed in fp64 and the variance taken of the centred values, so no sum cancels;
+    no host sync."""
     check_shape("values", values, (responses.num_slots,), "the response slots")
-    x = values.detach().double()
-    total, squares = torch.stack([x.sum(), torch.dot(x, x)]).tolist()
     count = max(responses.num_tokens, 1)
-    mean = total / count
-    scale = 1.0 / math.sqrt(max(squares / count - mean * mean, 0.0) + eps)
-    return _zero_pads(torch.sub(values, mean).mul_(scale), responses)
+    mean = values.detach().sum(dtype=torch.float64) / count
+    centred = torch.sub(values, mean.to(values.dtype)).mul_(responses.real_float)  # pad slots: -mean, zeroed
+    var = torch.dot(centred.detach(), centred.detach()).double() / count
+    return centred.mul_(var.add_(eps).rsqrt_().to(values.dtype))
 
 
 def normalize(normalizer: Normalizer, rewards: torch.Tensor, segments: UnpaddedSegments) -> torch.Tensor:
