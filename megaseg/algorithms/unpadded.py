@@ -329,15 +329,12 @@ class UnpaddedSegments:
             return out.index_copy_(0, self.end_at, segment_values)
         if mode == "even":
             segment_values = segment_values / self.lengths.to(segment_values.dtype)
-        # Entry K is read by the slots after the last response's last end; every slot after a last end is masked.
+        # Entry K is read by the slots after the last response's last end. Every slot after a last end is zeroed: the
+        # pad slots by the mask, the last token where the last end is before it.
         table = torch.constant_pad_nd(segment_values, (0, 1))
-        return table.index_select(0, self.token_segment).mul_(self._covered_float)
-
-    @cached_property
-    def _covered_float(self) -> torch.Tensor:
-        """``[slots]`` float32: 1 on the tokens a segment covers, 0 on the token after a last end and the pad slots."""
+        out = table.index_select(0, self.token_segment).mul_(self.responses.real_float)
         last = self.responses.last
-        return self.responses.real_float.clone().index_copy_(0, last, self.ends_on_last.float())
+        return out.index_copy_(0, last, out.index_select(0, last).mul_(self.ends_on_last))
 
 
 def _check_ends(
