@@ -19,14 +19,16 @@ into the one before it, so there is nothing to subtract. The pad slot after each
 
 Conventions are those of the padded functions (segmentation.py, segments.py, interpolation.py, advantages.py), and
 the tests hold both layouts to the same results and to the per-sequence loop reference:
-- segment ends as ``_content_ends`` makes them (content tokens only, the last content token always ends a segment, an
-  EOS-only response ends its one segment on EOS), so EOS is in no segment and gets only the KL term;
+- segment ends as ``_content_ends`` makes them for the entropy, token, sentence and n-gram modes (content tokens only,
+  the last content token always ends a segment, an EOS-only response ends its one segment on EOS), so EOS is in no
+  segment and gets only the KL term; the bandit mode's one segment ends on the last token, EOS included;
 - segment t of T sits at p = (t + 1) / T; the even split gives each of its tokens r_t / |a_t|;
 - GAE runs over each response alone, V = 0 after its last token.
 
-Host syncs: the number of slots with the longest response (and the mask check, in the same read), the number of
-segments K (listing the segment ends), the number of response tokens (whitening), and the value checks; like the
-remove-padding paths of other trainers, sizes must be known to allocate.
+Host syncs: ``from_masks`` reads the numbers of slots and response tokens and the longest response, with its mask
+check, in one read; ``from_ends`` the number of segments K (listing the ends) and its checks in another; each value
+check (entropy, reward head at the ends) one more. Like the remove-padding paths of other trainers, sizes must be
+known to allocate.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ class UnpaddedResponses:
     ) -> UnpaddedResponses:
         """The response tokens of ``response_mask`` ``[batch, seq]`` bool (one contiguous, non-empty run per row) with
         their EOS marks from ``eos_mask`` (at most one per row, on its last response token); ``validate`` checks
-        those promises (one host sync)."""
+        those promises (in the one host read of the sizes)."""
         check_masks(response_mask, eos_mask, validate=False)  # dtypes and shapes
         batch, seq = response_mask.shape
         device = response_mask.device
