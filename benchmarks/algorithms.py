@@ -17,8 +17,10 @@ The loop reference runs the same steps one sequence at a time with the plain-Pyt
 tests/algorithms/algo_reference.py; it is timed on ``--loop-rows`` evenly spaced rows and extrapolated linearly in the
 number of response tokens (its cost is a fixed amount of Python work per token; the final whitening is one more pass
 over the tokens), best of ``--loop-repeats`` runs. Each vectorised time is the best of ``--rounds`` interleaved rounds of
-``--repeats`` runs after a warm-up, on torch's default threads (one per core: the loop cannot use more than one,
-the tensor code can), and the unpadded path once more on one thread. All are noisy on a shared machine; the vectorised ones also depend on the state of
+``--repeats`` runs after a warm-up, under ``torch.inference_mode`` (nothing here needs a gradient; the mode spares
+every op autograd's bookkeeping) on torch's default threads (one per core: the loop cannot use more than one, the
+tensor code can); the unpadded path is timed again with autograd on and on one thread. All are noisy on a shared
+machine; the vectorised ones also depend on the state of
 glibc's heap (a fresh process returns freed buffers to the kernel and faults them back in on the next call; a trainer
 that has freed large buffers keeps them: ``*_page_faults_per_call`` counts the pages faulted back in), so compare
 figures from runs made back to back.
@@ -156,18 +158,22 @@ def time_pipelines(
     rollout = make_rollout(batch, seq, device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
-    def best_time(pipeline) -> tuple[float, int]:
-        """(best time, median minor page faults per call: fresh memory the heap had handed back to the kernel)."""
-        pipeline(rollout)  # warm-up (lazy init, allocator)
-        times, faults = [], []
-        for _ in range(repeats):
-            faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            sync()
-            start = time.perf_counter()
-            pipeline(rollout)
-            sync()
-            times.append(time.perf_counter() - start)
-            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
+    def best_time(pipeline, autograd: bool = False) -> tuple[float, int]:
+        """(best time, median minor page faults per call: fresh memory the heap had handed back to the kernel).
+
+        Under ``torch.inference_mode`` unless ``autograd``: rewards and advantages never need a gradient, and the
+        mode spares every op autograd's bookkeeping."""
+        with torch.inference_mode(not autograd):
+            pipeline(rollout)  # warm-up (lazy init, allocator)
+            times, faults = [], []
+            for _ in range(repeats):
+                faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                sync()
+                start = time.perf_counter()
+                pipeline(rollout)
+                sync()
+                times.append(time.perf_counter() - start)
+                faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
         return min(times), sorted(faults)[len(faults) // 2]
 
     # Interleaved rounds, so that a burst of load from a neighbour hits all three paths alike.
@@ -183,7 +189,9 @@ def time_pipelines(
     (unpadded_time, unpadded_faults), (vec_time, vec_faults), (vec_time_all, _) = (
         min(timings[name]) for name in paths
     )
-    # The unpadded path on one thread too (a machine whose other cores are busy).
+    # The unpadded path with autograd's dispatch on (outside inference mode), and on one thread (a machine whose other
+    # cores are busy).
+    unpadded_autograd_on = min(best_time(unpadded_pipeline, autograd=True)[0] for _ in range(rounds))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     unpadded_one_thread = min(best_time(unpadded_pipeline)[0] for _ in range(rounds))
@@ -235,6 +243,8 @@ def time_pipelines(
         "speedup": round(loop_time / unpadded_time, 1),
         "unpadded_one_thread_s": round(unpadded_one_thread, 5),
         "speedup_one_thread": round(loop_time / unpadded_one_thread, 1),
+        "unpadded_autograd_on_s": round(unpadded_autograd_on, 5),
+        "speedup_autograd_on": round(loop_time / unpadded_autograd_on, 1),
         "speedup_vs_loop_without_tolist": round(loop_time_compute_only / unpadded_time, 1),
         "speedup_padded": round(loop_time / vec_time, 1),
         "speedup_padded_validate_everywhere": round(loop_time / vec_time_all, 1),
