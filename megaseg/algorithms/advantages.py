@@ -29,7 +29,7 @@ import torch
 
 from megaseg.algorithms.masking import zero_outside, zero_outside_
 from megaseg.algorithms.segments import INDEX_DTYPE
-from megaseg.algorithms.validation import check_2d, check_bool, check_contiguous, check_shape
+from megaseg.algorithms.validation import check_2d, check_bool, check_contiguous, check_unit_interval, check_shape
 
 # The [batch * seq / 32, 32] x [32, 32] local matmul plus the [n_blocks, n_blocks] carry was the fastest split on CPU at
 # seq 2048 (block 64: 1.5x slower, 16: about the same).
@@ -68,6 +68,12 @@ def block_reverse_sums(blocks: torch.Tensor, decay: float) -> torch.Tensor:
         blocks = blocks.double()
     within, _, _ = _filter_matrices(float(decay), blocks.shape[1], 1, blocks.dtype, blocks.device)
     return blocks @ within
+
+
+def block_carry_weights(decay: float, block: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[block]``: decay^(block - i), the weight at position i of a block of the sum at the next block's start
+    (read-only, cached with the filter's matrices)."""
+    return _filter_matrices(float(decay), block, 1, dtype, device)[2]
 
 
 def discounted_reverse_cumsum(x: torch.Tensor, decay: float, block_size: int = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
@@ -139,9 +145,8 @@ def gae(
     check_2d("mask", mask)
     check_shape("rewards", rewards, mask.shape, "mask")
     check_shape("values", values, mask.shape, "mask")
-    for name, value in (("gamma", gamma), ("lam", lam)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    check_unit_interval("gamma", gamma)
+    check_unit_interval("lam", lam)
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     dtype = torch.promote_types(torch.promote_types(rewards.dtype, values.dtype), torch.float32)

@@ -38,11 +38,18 @@ from functools import cached_property, lru_cache
 
 import torch
 
-from megaseg.algorithms.advantages import block_reverse_sums, decay_powers, discounted_reverse_cumsum
+from megaseg.algorithms.advantages import block_carry_weights, block_reverse_sums, discounted_reverse_cumsum
 from megaseg.algorithms.interpolation import INTERPOLATION_MODES
 from megaseg.algorithms.normalizer import Normalizer
 from megaseg.algorithms.segments import INDEX_DTYPE
-from megaseg.algorithms.validation import check_choice, check_finite, check_masks, check_nonnegative_float, check_shape
+from megaseg.algorithms.validation import (
+    check_choice,
+    check_finite,
+    check_masks,
+    check_nonnegative_float,
+    check_shape,
+    check_unit_interval,
+)
 
 # Every response starts at a multiple of this many slots; it is also the block of GAE's within-block matmul
 # ([slots / 16, 16] x [16, 16] was faster on CPU than blocks of 32 or 8 at 64 x 2048).
@@ -58,7 +65,8 @@ class UnpaddedResponses:
     """
 
     shape: tuple[int, int]  # (batch, seq) of the padded batch
-    # [slots] INDEX_DTYPE: row-major flat position in [batch, seq] of each slot's token (a pad slot: its response's last)
+    # [slots] INDEX_DTYPE: row-major flat position in [batch, seq] of each slot's token (a pad slot: its response's
+    # last token's)
     index: torch.Tensor
     scatter_index: torch.Tensor  # [slots] INDEX_DTYPE: ``index`` with the pad slots at batch * seq (past the grid)
     # [slots] float32: 1 in response slots, 0 in pad slots. A pad slot reads a token of its response, so multiplying
@@ -360,13 +368,6 @@ def _check_ends(
         )
 
 
-@lru_cache(maxsize=8)
-def _into_block(decay: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[SLOT_ALIGN]``: decay^(SLOT_ALIGN - i), the weight at slot i of a block of the sum at the next block's start
-    (read-only, cached)."""
-    return decay_powers(SLOT_ALIGN - torch.arange(SLOT_ALIGN, device=device), decay).to(dtype)
-
-
 def gae(
     rewards: torch.Tensor, values: torch.Tensor, responses: UnpaddedResponses, gamma: float, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -380,9 +381,8 @@ def gae(
     (decay (gamma lam)^SLOT_ALIGN) give every block the sum at the start of the next block of its response, and each
     slot adds that, discounted to it. Every weight is a power with a non-negative exponent, as in the padded filter.
     """
-    for name, value in (("gamma", gamma), ("lam", lam)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    check_unit_interval("gamma", gamma)
+    check_unit_interval("lam", lam)
     slots = responses.num_slots
     check_shape("rewards", rewards, (slots,), "the response slots")
     check_shape("values", values, (slots,), "the response slots")
@@ -401,7 +401,7 @@ def gae(
     grid = local.new_zeros(batch * width).scatter_(0, responses.grid_index, local[:, 0])
     at_block_start = discounted_reverse_cumsum(grid.view(batch, width), decay**SLOT_ALIGN).reshape(-1)
     after_block = at_block_start[1:].index_select(0, responses.grid_index)  # the next column
-    advantages = local.addcmul_(after_block[:, None], _into_block(float(decay), local.dtype, local.device))
+    advantages = local.addcmul_(after_block[:, None], block_carry_weights(decay, SLOT_ALIGN, local.dtype, local.device))
     advantages = advantages.view(-1).to(dtype)
     return advantages, torch.add(values, advantages)
 
@@ -420,5 +420,5 @@ def whiten(values: torch.Tensor, responses: UnpaddedResponses, eps: float = 1e-8
 
 def normalize(normalizer: Normalizer, rewards: torch.Tensor, segments: UnpaddedSegments) -> torch.Tensor:
     """``[K]`` normalized segment rewards at their locations p = (t + 1) / T, in at least fp32."""
-    rewards = rewards.to(torch.promote_types(rewards.dtype, torch.float32))
-    return normalizer.normalize_segments(rewards, segments.positions(rewards.dtype))
+    # normalize_segments computes in at least fp32; the locations are made in that dtype.
+    return normalizer.normalize_segments(rewards, segments.positions(torch.promote_types(rewards.dtype, torch.float32)))

@@ -89,6 +89,12 @@ def check_positive_int(name: str, value: int) -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
+def check_unit_interval(name: str, value: float) -> None:
+    """A number in [0, 1] (a discount, a GAE lambda)."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+
+
 def check_nonnegative_float(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < float("inf"):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
