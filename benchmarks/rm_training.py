@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 
 
 def _micro_batch(pairs: int, seq: int, vocab: int, generator: torch.Generator):
-    from megaseg.training.rm_batches import RewardMicroBatch
+    from megaseg.training.reward_model.batches import RewardMicroBatch
 
     rows = 2 * pairs
     response = torch.zeros(rows, seq, dtype=torch.bool)
@@ -47,9 +47,9 @@ def run(args: argparse.Namespace) -> dict:
     from megaseg.config import load_config
     from megaseg.models.pipeline import forward_backward
     from megaseg.parallel import destroy_parallel, initialize_parallel
-    from megaseg.training.rm import build_training_setup
-    from megaseg.training.rm_batches import plan_batches
-    from megaseg.training.rm_step import segment_preference_loss
+    from megaseg.training.reward_model.trainer import build_training_setup
+    from megaseg.training.reward_model.batches import plan_batches
+    from megaseg.training.reward_model.loss import segment_preference_loss
 
     overrides = [f"rm.train_top_layers={args.top_layers}" if args.top_layers else "rm.train_top_layers=null"]
     if args.model_yaml is None:

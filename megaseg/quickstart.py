@@ -24,7 +24,7 @@ from typing import Any
 
 from megaseg.config import MegasegConfig
 from megaseg.config.model import ModelConfig
-from megaseg.training.metrics import METRICS_FILE_NAME, format_duration
+from megaseg.training.common.metrics import METRICS_FILE_NAME, format_duration
 
 MODELS_DIR = "models"
 SMOLLM2_MEGATRON_DIR = "SmolLM2-135M-Instruct-megatron"
@@ -87,9 +87,9 @@ def _check_single_process() -> None:
 def run_pipeline(config: MegasegConfig) -> dict[str, Any]:
     """All phases; returns the summary (also written to <out>/quickstart.json)."""
     from megaseg.parallel import parallel_session
-    from megaseg.training.calibrate import fit_normalizer
-    from megaseg.training.evaluate import evaluate_reward_model
-    from megaseg.training.rm import absolute_local_paths, run_reward_model_training
+    from megaseg.scoring.fit_normalizer import fit_normalizer
+    from megaseg.scoring.evaluate import evaluate_reward_model
+    from megaseg.training.reward_model.trainer import absolute_local_paths, run_reward_model_training
 
     _check_single_process()
     config = absolute_local_paths(config)

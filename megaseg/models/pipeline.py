@@ -2,7 +2,7 @@
 
 The schedule (`get_forward_backward_func`) sends hidden states [seq, batch, hidden] between pipeline stages, calls
 `set_input_tensor` on later stages, runs the backward of each micro-batch when training, and at the end of a training
-pass calls `config.finalize_model_grads_func` (set by megaseg.training.optimizer) to reduce the gradients over
+pass calls `config.finalize_model_grads_func` (set by megaseg.training.common.optimizer) to reduce the gradients over
 data-parallel ranks and tied embeddings. Every rank calls these functions with the same micro-batches; only the last
 pipeline stage gets results back (an empty list elsewhere).
 

@@ -77,8 +77,8 @@ def test_token_classification_scores_equal_reward_model_values(converted_cases, 
 def test_train_rm_directory_exports_with_its_tokenizer(converted_cases, tmp_path):
     """The layout `megaseg train-rm` writes (state/ + config.yaml + reward_model.json) exports as it stands."""
     from megaseg.config import MegasegConfig
-    from megaseg.training.checkpoint import TrainingProgress
-    from megaseg.training.rm_checkpoint import save_reward_model
+    from megaseg.checkpoint.step_dirs import TrainingProgress
+    from megaseg.checkpoint.reward_model_dir import save_reward_model
 
     model_cfg = find_model_config(converted_cases["qwen2"].megatron_dir)[0]
     config = dataclasses.replace(MegasegConfig(), model=model_cfg)

@@ -37,7 +37,7 @@ def _te_then_local(rank, world_size, root, fp8):
     from megaseg.models import build_reward_model
     from megaseg.models.backend import resolve_transformer_impl
     from megaseg.parallel import initialize_parallel
-    from megaseg.training.checkpoint import TrainingProgress, load_checkpoint, save_checkpoint
+    from megaseg.checkpoint.step_dirs import TrainingProgress, load_checkpoint, save_checkpoint
 
     # Exact fp32 GEMMs in both specs, so that the comparison measures the layer implementations only.
     torch.backends.cuda.matmul.allow_tf32 = False

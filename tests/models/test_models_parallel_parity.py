@@ -132,7 +132,7 @@ def _run_layout(rank, world_size, tp, pp, workdir):
     from megaseg.config.training import OptimizerConfig
     from megaseg.models import build_gpt_model, build_reward_model, forward_backward
     from megaseg.parallel import initialize_parallel
-    from megaseg.training.optimizer import setup_training
+    from megaseg.training.common.optimizer import setup_training
     from models_dense_state import dense_state_dict, load_dense_state
 
     parallel_cfg = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)

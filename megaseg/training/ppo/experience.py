@@ -1,0 +1,111 @@
+"""The experience maker: one rollout batch -> everything the PPO update needs, one named phase at a time.
+
+    actor_forward      log-probs of the sampled tokens under the rollout policy (+ its entropy, for logging)
+    reference_forward  reference log-probs AND entropies, from one forward of the frozen SFT model
+    critic_forward     V(state before each token)
+    score_segments     segment ends (entropy rule or the baseline's), reward-model head at the ends
+    normalize          location-aware normalizer (or the ablation's / the bandit scalar)
+    interpolate        even / repeat / none, then clamp to [-reward_clip, reward_clip]
+    advantages         minus kl_coef * KL per token, GAE (gamma, lambda), whitening over all data-parallel ranks
+
+Every tensor is ``[B, S]`` in token positions (see megaseg.training.ppo.experience_forward for the alignment), the same
+on every rank of a model-parallel group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from megaseg.algorithms.normalizer import Normalizer
+from megaseg.config.policy import PPOConfig
+from megaseg.data.batch import SequenceBatch
+from megaseg.training.ppo.experience_forward import critic_values, policy_log_probs_and_entropy, shift_right
+from megaseg.training.common.metrics import PhaseTimer
+from megaseg.training.ppo.reward_plan import RewardPlan
+from megaseg.training.ppo.reward_shaping import (
+    SegmentScorer,
+    SentenceMarker,
+    compute_advantages,
+    cut_segments,
+    interpolate_rewards,
+    kl_penalized_rewards,
+    normalize_rewards,
+    score_segments,
+)
+
+
+@dataclass(frozen=True)
+class ExperienceSources:
+    """The models and reward parts the experience maker reads (none of them is trained here)."""
+
+    actor: torch.nn.Module            # the policy being trained (its rollout weights)
+    reference: torch.nn.Module        # frozen SFT model: KL reference and segmentation entropies
+    critic: torch.nn.Module
+    scorer: SegmentScorer             # the reward model (or a hand-written reward in tests)
+    normalizer: Normalizer
+    sentence_marker: Optional[SentenceMarker] = None
+
+
+@dataclass(frozen=True)
+class Experience:
+    sequences: SequenceBatch            # [B, S] prompt + response, right-padded
+    action_mask: torch.Tensor           # [B, S] bool, the response tokens (EOS included): PPO's actions
+    log_probs: torch.Tensor             # [B, S] fp32 log pi_old(token j | < j)
+    ref_log_probs: torch.Tensor         # [B, S] fp32 log pi_ref(token j | < j)
+    action_entropy: torch.Tensor        # [B, S] fp32 entropy of the rollout policy where it chose token j
+    ref_entropy: torch.Tensor           # [B, S] fp32 reference entropy at j (predicting j + 1): the segmentation rule
+    values: torch.Tensor                # [B, S] fp32 V(state before token j)
+    segment_ends: torch.Tensor          # [B, S] bool, the segments the reward model scored
+    reward_ends: torch.Tensor           # [B, S] bool, where rewards sit (segment ends, or the last token)
+    positions: torch.Tensor             # [B, S] fp32 location p at reward_ends
+    raw_rewards: torch.Tensor           # [B, S] fp32 reward-model output at reward_ends
+    normalized_rewards: torch.Tensor    # [B, S] fp32 after the normalizer, at reward_ends
+    token_rewards: torch.Tensor         # [B, S] fp32 after interpolation and clamp
+    kl: torch.Tensor                    # [B, S] fp32 per-token KL estimate on actions
+    rewards: torch.Tensor               # [B, S] fp32 token_rewards - kl_coef * kl (what GAE consumes)
+    advantages: torch.Tensor            # [B, S] fp32 (whitened)
+    returns: torch.Tensor               # [B, S] fp32 critic targets
+
+    @property
+    def batch_size(self) -> int:
+        return self.sequences.batch_size
+
+
+def make_experience(rollout: SequenceBatch, sources: ExperienceSources, plan: RewardPlan, ppo: PPOConfig,
+                    kl_coef: float, parallel_ctx: Any, timer: PhaseTimer,
+                    entropy_chunk_size: Optional[int] = None) -> Experience:
+    """Run the phases of the module docstring on one rank's rollouts (collective over the model-parallel group, and
+    over the data-parallel group for whitening)."""
+    micro = ppo.micro_rollout_batch_size
+    action_mask = rollout.response_mask
+    with timer.phase("actor_forward"):
+        actor = policy_log_probs_and_entropy(sources.actor, rollout, parallel_ctx, micro_batch_size=micro,
+                                             chunk_size=entropy_chunk_size)
+    with timer.phase("reference_forward"):
+        reference = policy_log_probs_and_entropy(sources.reference, rollout, parallel_ctx, micro_batch_size=micro,
+                                                 chunk_size=entropy_chunk_size)
+    with timer.phase("critic_forward"):
+        values = critic_values(sources.critic, rollout, parallel_ctx, micro_batch_size=micro)
+    with timer.phase("score_segments"):
+        ends = cut_segments(plan, rollout, reference.entropy, sources.sentence_marker)
+        reward_ends, raw = score_segments(plan, sources.scorer, rollout, ends)
+    with timer.phase("normalize"):
+        normalized, positions = normalize_rewards(sources.normalizer, raw, reward_ends, action_mask)
+    with timer.phase("interpolate"):
+        token_level = interpolate_rewards(normalized, reward_ends, action_mask, plan.interpolation, ppo.reward_clip)
+    with timer.phase("advantages"):
+        rewards, kl = kl_penalized_rewards(token_level, actor.log_probs, reference.log_probs, action_mask, kl_coef,
+                                           ppo.kl_estimator)
+        advantages, returns = compute_advantages(rewards, values, action_mask, gamma=ppo.gamma, lam=ppo.lam,
+                                                 whiten=ppo.whiten_advantages, dp_group=parallel_ctx.dp_group)
+    zero = torch.zeros((), dtype=values.dtype)
+    return Experience(
+        sequences=rollout, action_mask=action_mask,
+        log_probs=torch.where(action_mask, actor.log_probs, zero),
+        ref_log_probs=torch.where(action_mask, reference.log_probs, zero),
+        action_entropy=torch.where(action_mask, shift_right(actor.entropy), zero),
+        ref_entropy=reference.entropy, values=torch.where(action_mask, values, zero), segment_ends=ends,
+        reward_ends=reward_ends, positions=positions, raw_rewards=raw, normalized_rewards=normalized,
+        token_rewards=token_level, kl=kl, rewards=rewards, advantages=advantages, returns=returns)
