@@ -1,7 +1,8 @@
 # megaseg on GPUs: NVIDIA's PyTorch container already carries CUDA torch, TransformerEngine, flash-attn and apex.
 # Build:  docker build -t megaseg .
 # Run:    docker run --gpus all --ipc=host -v $PWD/runs:/workspace/megaseg/runs megaseg \
-#           torchrun --nproc-per-node 8 -m megaseg.cli train-rm --config model_configs/llama3-8b.yaml
+#           torchrun --nproc-per-node 8 -m megaseg.cli train-rm --config model_configs/llama-3-8b-instruct.yaml \
+#             model.checkpoint=runs/llama3-8b/sft data.train_path=/data/prefs.jsonl
 FROM nvcr.io/nvidia/pytorch:25.04-py3
 
 WORKDIR /workspace/megaseg

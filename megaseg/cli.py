@@ -1,7 +1,10 @@
 """`megaseg <command>`: parse the config (YAML + dotted overrides + the command's flags), call one function.
 
 Every command accepts `--config FILE`, `--print-config` and any number of `section.key=value` overrides.
-A command's own flags (e.g. `--ckpt`) are sugar for config keys, or plain arguments of its function.
+A command's own flags (e.g. `--ckpt`) are sugar for config keys, or plain arguments of its function. Every command
+function is called as ``function(config, explicit_keys=..., **flag_arguments)``: ``explicit_keys`` is the set of
+dotted settings the user gave (YAML chain, flags, overrides), for commands that layer the user's settings over a saved
+config (eval-rm, fit-normalizer over the reward model's; train-ppo's check of rm.aggregation).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 from megaseg.config import config_to_yaml, load_config
+from megaseg.config.loader import explicit_keys
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,7 @@ class Flag:
 @dataclass(frozen=True)
 class Command:
     name: str
-    target: str  # "module:function"; the function takes (config, **flag_arguments) and returns an exit code
+    target: str  # "module:function"; the function takes (config, explicit_keys, **flag_arguments) -> exit code
     help: str
     flags: tuple[Flag, ...] = ()
     # A YAML shipped in the megaseg package (path relative to it) used when no --config is given, so that the
@@ -46,7 +50,7 @@ COMMANDS: tuple[Command, ...] = (
             "the embedded default: SmolLM2 -> segment RM on real HH-RLHF pairs -> normalizer -> evaluation",
             (Flag("--out", "output directory", config_key="logging.out_dir"),),
             default_config="resources/configs/quickstart.yaml"),
-    Command("segment", "megaseg.segmentation.pipeline:run_segmentation",
+    Command("segment", "megaseg.segmentation.command:run_segmentation",
             "cache segment boundaries of every response with the frozen SFT model"),
     Command("train-rm", "megaseg.training.reward_model.trainer:train_reward_model", "train a segment-level reward model"),
     Command("fit-normalizer", "megaseg.scoring.fit_normalizer:fit_normalizer_command",
@@ -103,24 +107,20 @@ def _split_flags(command: Command, args: argparse.Namespace) -> tuple[list[str],
     return overrides, kwargs
 
 
-def _resolve_target(command: Command) -> Callable:
+def resolve_target(command: Command) -> Callable:
     module_name, function_name = command.target.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name and error.name.startswith("megaseg"):
-            raise SystemExit(f"megaseg {command.name}: not built yet ({module_name} does not exist)") from None
-        raise
-    return getattr(module, function_name)
+    return getattr(importlib.import_module(module_name), function_name)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     command = next(c for c in COMMANDS if c.name == args.command)
     flag_overrides, kwargs = _split_flags(command, args)
+    # Flags come first so that explicit key=value overrides win over them.
+    config_path, overrides = args.config or command.default_config_path(), [*flag_overrides, *args.overrides]
     try:
-        # Flags come first so that explicit key=value overrides win over them.
-        config = load_config(args.config or command.default_config_path(), [*flag_overrides, *args.overrides])
+        config = load_config(config_path, overrides)
+        given = explicit_keys(config_path, overrides)
     except ValueError as error:
         print(f"megaseg {command.name}: {error}", file=sys.stderr)
         return 2
@@ -128,7 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(config_to_yaml(config), end="")
         return 0
     try:
-        return int(_resolve_target(command)(config, **kwargs) or 0)
+        return int(resolve_target(command)(config, explicit_keys=given, **kwargs) or 0)
     except ValueError as error:
         # User mistakes (bad data, missing files, mismatched checkpoints) are ValueErrors with the fix in the text.
         print(f"megaseg {command.name}: error: {error}", file=sys.stderr)

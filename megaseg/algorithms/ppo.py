@@ -1,8 +1,15 @@
 """PPO pieces: KL estimators, masked statistics, clipped policy/value losses, KL coefficient controllers.
 
-Masked means are token means over the whole batch: sum over all valid tokens / number of valid tokens, so every token
-weighs the same whatever the length of its response (OpenRLHF's default). An all-False mask gives 0 rather than NaN
-(nothing to average), without a host sync.
+Masked means are token means over the whole batch: sum over all valid tokens / number of valid tokens. An all-False
+mask gives 0 rather than NaN (nothing to average), without a host sync.
+
+Loss reduction (``LOSS_AGGREGATIONS``, veRL's names), over the tokens of ``mask``:
+- ``token-mean``: sum of token losses / number of tokens (every token weighs the same; OpenRLHF's default);
+- ``seq-mean-token-mean``: each response's token mean, then the mean over responses (every response weighs the same;
+  the paper's released code);
+- ``seq-mean-token-sum``: each response's token sum, then the mean over responses.
+``num_tokens`` / ``num_sequences`` replace the batch's own counts as the denominator, so a micro-batch's share of a
+larger batch's loss (gradient accumulation, data parallelism) sums to that batch's loss.
 
 ``gae`` lives in ``advantages.py`` and is re-exported here.
 """
@@ -18,6 +25,7 @@ from megaseg.algorithms.masking import count_true, zero_outside, zero_outside_
 from megaseg.algorithms.validation import check_bool, check_choice, check_shape
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
@@ -67,6 +75,28 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     check_shape("values", values, mask.shape, "mask")
     total = zero_outside(values, mask).sum()
     return total / count_true(mask).clamp(min=1).to(total.dtype)
+
+
+def aggregate_loss(token_losses: torch.Tensor, mask: torch.Tensor, loss_aggregation: str = "token-mean", *,
+                   num_tokens: float | None = None, num_sequences: float | None = None) -> torch.Tensor:
+    """Scalar loss from per-token losses ``[batch, seq]`` over ``mask`` (see the module docstring).
+
+    ``num_tokens`` (token-mean) / ``num_sequences`` (seq-mean-*): the denominator, when the batch is part of a
+    larger one; by default this batch's masked tokens / its rows that hold any.
+    """
+    check_choice("loss aggregation", loss_aggregation, LOSS_AGGREGATIONS)
+    check_bool("mask", mask)
+    check_shape("token_losses", token_losses, mask.shape, "mask")
+    masked = zero_outside(token_losses, mask)
+    if loss_aggregation == "token-mean":
+        denominator = count_true(mask).clamp(min=1).to(masked.dtype) if num_tokens is None else num_tokens
+        return masked.sum() / denominator
+    per_sequence = masked.sum(dim=-1)
+    if loss_aggregation == "seq-mean-token-mean":
+        per_sequence = per_sequence / mask.sum(dim=-1).clamp(min=1).to(masked.dtype)
+    if num_sequences is None:
+        num_sequences = mask.any(dim=-1).sum().clamp(min=1).to(masked.dtype)
+    return per_sequence.sum() / num_sequences
 
 
 def masked_moments(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -124,14 +154,19 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float = 0.2,
+    *,
+    loss_aggregation: str = "token-mean",
+    num_tokens: float | None = None,
+    num_sequences: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO clipped surrogate loss, token-mean over ``mask``.
+    """PPO clipped surrogate loss, reduced over ``mask`` by ``loss_aggregation`` (``aggregate_loss``).
 
     loss = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A), ratio = exp(logp - old_logp).
 
     Returns:
-        ``(loss, clip_fraction, approx_kl)``: scalar loss; detached fraction of tokens where the clipped branch is the
-        minimum strictly (its gradient is zero there); detached k3 estimate of KL(old || new) on the batch.
+        ``(loss, clip_fraction, approx_kl)``: scalar loss; detached token fraction where the clipped branch is the
+        minimum strictly (its gradient is zero there); detached k3 estimate of KL(old || new) on the batch (both
+        token means of this batch, whatever the loss reduction).
     """
     check_shape("old_logp", old_logp, logp.shape, "logp")
     check_shape("advantages", advantages, logp.shape, "logp")
@@ -141,7 +176,8 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
-    loss = masked_mean(-torch.minimum(unclipped, clipped), mask)
+    loss = aggregate_loss(-torch.minimum(unclipped, clipped), mask, loss_aggregation, num_tokens=num_tokens,
+                          num_sequences=num_sequences)
     with torch.no_grad():
         clip_fraction = masked_mean((clipped < unclipped).float(), mask)
         approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
@@ -154,22 +190,28 @@ def value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip: float | None = 0.2,
+    *,
+    loss_aggregation: str = "token-mean",
+    num_tokens: float | None = None,
+    num_sequences: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped value loss (OpenRLHF): 0.5 * max((v - R)^2, (clip(v, old - c, old + c) - R)^2), token-mean.
+    """Clipped value loss (OpenRLHF): 0.5 * max((v - R)^2, (clip(v, old - c, old + c) - R)^2), reduced over ``mask``
+    by ``loss_aggregation`` (``aggregate_loss``).
 
-    ``clip=None`` gives the plain 0.5 * (v - R)^2. Returns ``(loss, clip_fraction)``, the latter the detached fraction
-    of tokens where the clipped term is strictly larger (so it is the one trained on).
+    ``clip=None`` gives the plain 0.5 * (v - R)^2. Returns ``(loss, clip_fraction)``, the latter the detached token
+    fraction where the clipped term is strictly larger (so it is the one trained on).
     """
     check_shape("old_values", old_values, values.shape, "values")
     check_shape("returns", returns, values.shape, "values")
     unclipped_sq = (values - returns).square()
+    counts = {"num_tokens": num_tokens, "num_sequences": num_sequences}
     if clip is None:
-        return 0.5 * masked_mean(unclipped_sq, mask), torch.zeros((), device=values.device)
+        return 0.5 * aggregate_loss(unclipped_sq, mask, loss_aggregation, **counts), torch.zeros((), device=values.device)
     if not clip > 0:
         raise ValueError(f"value clip must be > 0 or None, got {clip!r}")
     clipped_values = old_values + (values - old_values).clamp(-clip, clip)
     clipped_sq = (clipped_values - returns).square()
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_sq, clipped_sq), mask)
+    loss = 0.5 * aggregate_loss(torch.maximum(unclipped_sq, clipped_sq), mask, loss_aggregation, **counts)
     with torch.no_grad():
         clip_fraction = masked_mean((clipped_sq > unclipped_sq).float(), mask)
     return loss, clip_fraction

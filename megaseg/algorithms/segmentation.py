@@ -1,7 +1,7 @@
 """Split responses into segments: entropy (the method), bandit, token, n-gram and sentence baselines.
 
 Every function takes right-padded ``[batch, seq]`` masks and returns ``ends``, a ``[batch, seq]`` bool mask that is True
-on the last token of each segment. Conventions (notes/method-conventions.md):
+on the last token of each segment. Conventions (docs/method.md):
 
 - ``response_mask`` marks the response tokens (one contiguous run per row, never empty); ``eos_mask`` marks the EOS
   token, at most one per row and on the row's last response token. A row without EOS is a truncated response.

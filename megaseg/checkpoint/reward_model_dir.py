@@ -2,14 +2,13 @@
 
 Layout of a reward-model directory (what `megaseg train-rm` writes as <logging.out_dir>/reward_model/):
 
-    state/              dist_checkpointing of the model ("model.*": backbone + scalar head) and its common part
-                        (model architecture, progress, parallel layout); the same format as a training checkpoint's
-                        step directory (megaseg.checkpoint.step_dirs) without optimizer or schedule state
+    state/              the model state (megaseg.checkpoint.step_dirs.save_model_state: backbone + scalar head,
+                        architecture, parallel layout), without optimizer or schedule
     config.yaml         the resolved MegasegConfig of the run that trained it: model (architecture, tokenizer,
                         stop tokens, the SFT checkpoint used for entropies), segmentation (mode, c_ent, n) and
                         rm.aggregation, so scoring needs nothing else passed
     reward_model.json   marker + summary: format version, segmentation, aggregation, step, final metrics
-    normalizer.json     written later beside it by `megaseg fit-normalizer` (`normalizer_path`)
+    normalizer.json     written later beside it by `megaseg fit-normalizer` (megaseg.scoring.normalizer_file)
 
 The directory appears atomically (written under a staging name, renamed by rank 0 once every rank has finished).
 Re-saving over an existing directory replaces it whole: a normalizer fitted to the old weights does not survive.
@@ -23,41 +22,26 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-import torch.distributed as dist
-
-from megaseg.config import MegasegConfig, load_config
+from megaseg.atomic_io import replace_dir, write_json_atomic
+from megaseg.checkpoint.step_dirs import (
+    TrainingProgress,
+    check_architecture,
+    latest_checkpoint,
+    load_model_state,
+    read_common_state,
+    save_model_state,
+)
+from megaseg.config import MegasegConfig, load_config, save_config
 from megaseg.config.loader import RESOLVED_CONFIG_NAME
 from megaseg.config.parallel import ParallelConfig
-from megaseg.checkpoint.step_dirs import (
-    STATE_DIR,
-    TrainingProgress,
-    latest_checkpoint,
-    load_checkpoint,
-    replace_dir,
-    save_checkpoint,
-)
+from megaseg.parallel.collectives import barrier, is_rank_zero
+from megaseg.parallel.initialize import ParallelContext
 
+STATE_DIR = "state"
 REWARD_MODEL_DIR = "reward_model"  # under a train-rm run's logging.out_dir
 MARKER_FILE = "reward_model.json"
-NORMALIZER_FILE = "normalizer.json"
 FORMAT_NAME = "megaseg-reward-model"
-FORMAT_VERSION = 1
-# Parameters of the scalar head (megaseg.models.scalar_head), absent from an SFT language model checkpoint.
-HEAD_PREFIX = "head."
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def normalizer_path(rm_dir: str | os.PathLike) -> Path:
-    """Where `fit-normalizer` writes (and PPO reads) the normalizer of the reward model in `rm_dir`."""
-    return resolve_reward_model_dir(rm_dir) / NORMALIZER_FILE
+FORMAT_VERSION = 2  # 2: the model state in state/ (megaseg.checkpoint.step_dirs.save_model_state)
 
 
 def resolve_reward_model_dir(path: str | os.PathLike) -> Path:
@@ -95,6 +79,12 @@ def read_reward_model_config(rm_dir: str | os.PathLike) -> MegasegConfig:
     return dataclasses.replace(config, rm=dataclasses.replace(config.rm, checkpoint=str(rm_dir)))
 
 
+def check_reward_model_architecture(rm_dir: Path, rm_config: MegasegConfig) -> None:
+    """Fail before any segmentation work when the saved weights do not match the saved config."""
+    common = read_common_state(Path(rm_dir) / STATE_DIR)
+    check_architecture(Path(rm_dir), common.get("model_architecture"), rm_config.model)
+
+
 def _marker(config: MegasegConfig, progress: TrainingProgress, metrics: Optional[Mapping[str, float]]) -> dict:
     segmentation = config.segmentation
     return {
@@ -117,30 +107,28 @@ def save_reward_model(rm_dir: str | os.PathLike, *, model, config: MegasegConfig
     Collective: every rank calls it. `config` is the training run's resolved config (saved as config.yaml);
     `metrics` (e.g. final eval accuracy) go into reward_model.json for people to read. Returns `rm_dir`."""
     rm_dir = Path(rm_dir).absolute()
-    staging_root = rm_dir.with_name(f".staging_{rm_dir.name}")
-    if _rank() == 0:
-        shutil.rmtree(staging_root, ignore_errors=True)  # the leftover of a save that died part-way
-    _barrier()
-    # A step directory without optimizer/schedule is exactly the model part of a training checkpoint.
-    step_dir = save_checkpoint(staging_root, model=model, config=config, progress=progress)
-    if _rank() == 0:
-        tmp_marker = step_dir / f".{MARKER_FILE}.tmp"
-        tmp_marker.write_text(json.dumps(_marker(config, progress, metrics), indent=2) + "\n")
-        tmp_marker.replace(step_dir / MARKER_FILE)
-        replace_dir(step_dir, rm_dir)
-        shutil.rmtree(staging_root)
-    _barrier()
+    staging = rm_dir.with_name(f".staging_{rm_dir.name}")
+    if is_rank_zero():
+        shutil.rmtree(staging, ignore_errors=True)  # the leftover of a save that died part-way
+    barrier()
+    save_model_state(staging / STATE_DIR, model=model, model_cfg=config.model)
+    barrier()
+    if is_rank_zero():
+        save_config(config, staging)
+        write_json_atomic(staging / MARKER_FILE, _marker(config, progress, metrics))
+        replace_dir(staging, rm_dir)
+    barrier()
     return rm_dir
 
 
-def parallel_config_of(parallel_ctx, base: ParallelConfig) -> ParallelConfig:
+def parallel_config_of(parallel_ctx: ParallelContext, base: ParallelConfig) -> ParallelConfig:
     """`base` (backend, timeout, ...) with the sizes of the process groups `parallel_ctx` was initialised with."""
     return dataclasses.replace(base, tensor_model_parallel_size=parallel_ctx.tp_size,
                                pipeline_model_parallel_size=parallel_ctx.pp_size,
                                context_parallel_size=parallel_ctx.cp_size)
 
 
-def load_reward_model(rm_dir: str | os.PathLike, parallel_ctx) -> tuple[Any, MegasegConfig]:
+def load_reward_model(rm_dir: str | os.PathLike, parallel_ctx: ParallelContext) -> tuple[Any, MegasegConfig]:
     """(model, config): this rank's pipeline stage of the trained reward model, in eval mode, at the layout of
     `parallel_ctx` (whatever layout it was trained at), and its training config with rm.checkpoint = `rm_dir` and
     the parallel sizes of `parallel_ctx`. Collective: every rank calls it.
@@ -151,29 +139,7 @@ def load_reward_model(rm_dir: str | os.PathLike, parallel_ctx) -> tuple[Any, Meg
 
     config = read_reward_model_config(rm_dir)
     config = dataclasses.replace(config, parallel=parallel_config_of(parallel_ctx, config.parallel))
-    model = build_reward_model(config.model, config.parallel)
-    # RNG streams are per rank and irrelevant for scoring; the architecture and tensor shapes are checked.
-    load_checkpoint(config.rm.checkpoint, model=model, model_cfg=config.model, load_rng=False)
+    model = build_reward_model(config.model, config.parallel, seed=config.seed)
+    load_model_state(Path(config.rm.checkpoint) / STATE_DIR, model=model, model_cfg=config.model)
     model.eval()
     return model, config
-
-
-def initialize_from_sft(model, sft_checkpoint: str | os.PathLike) -> None:
-    """Load the SFT language model's weights (a dist checkpoint as `megaseg convert hf-to-megatron` writes, at any
-    TP/PP) into this rank's reward model; the scalar head keeps its fresh initialisation and the SFT model's output
-    layer is not read. Collective. ValueError when the checkpoint lacks a backbone tensor or its shapes differ."""
-    from megatron.core import dist_checkpointing
-
-    from megaseg.checkpoint.step_dirs import check_tensor_shapes
-
-    ckpt_dir = Path(sft_checkpoint)
-    if not (ckpt_dir / "metadata.json").is_file():
-        raise ValueError(f"model.checkpoint={str(ckpt_dir)!r} is not a megatron dist checkpoint (no metadata.json); "
-                         "convert the SFT model first: `megaseg convert hf-to-megatron --hf DIR --out DIR`")
-    backbone = {key: value for key, value in model.sharded_state_dict().items() if not key.startswith(HEAD_PREFIX)}
-    check_tensor_shapes(ckpt_dir, backbone, dist_checkpointing.load_tensors_metadata(str(ckpt_dir)))
-    loaded = dist_checkpointing.load(backbone, str(ckpt_dir))
-    result = model.load_state_dict(loaded, strict=False)
-    missing = [key for key in result.missing_keys if not key.startswith(HEAD_PREFIX)
-               and not key.endswith("_extra_state")]
-    assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)

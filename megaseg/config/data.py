@@ -9,6 +9,8 @@ from megaseg.config._checks import check_choice, check_positive, check_range
 PREFERENCE_FORMATS = ("auto", "conversational", "flat")
 PROMPT_FORMATS = ("auto", "ultrafeedback", "mt_bench", "arena_hard")
 OVERLONG_PROMPT_POLICIES = ("truncate", "reject")
+# Names a data file shipped inside the megaseg package (megaseg.data.resources), e.g. shipped:hh_rlhf_harmless/pairs.jsonl.
+SHIPPED_PREFIX = "shipped:"
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,15 @@ later layers win: schema defaults < base files < the file < command-line `key=va
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from megaseg.config.data import SHIPPED_PREFIX
 from megaseg.config.root import MegasegConfig
 
 BASE_KEY = "base"
@@ -50,6 +52,60 @@ def _merge_layer(merged: DictConfig, layer: DictConfig, source: str) -> DictConf
         raise ValueError(f"{source}: bad config key {key!r}: {str(error).splitlines()[0]}") from None
 
 
+def flat_settings(config: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of every leaf setting of a config (dataclass) tree."""
+    flat: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        key = f"{prefix}{field.name}"
+        if dataclasses.is_dataclass(value):
+            flat.update(flat_settings(value, key + "."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def with_settings(config: Any, settings: dict[str, Any]) -> Any:
+    """``config`` with the dotted ``settings`` replaced (``{"rm.aggregation": "sum"}``), validated again."""
+    changes: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in settings.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            changes[head] = value
+    for head, inner in nested.items():
+        changes[head] = with_settings(getattr(config, head), inner)
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, DictConfig):
+        keys = []
+        for name in node.keys():
+            keys += _dotted_keys(node._get_node(name), f"{prefix}{name}.")
+        return keys
+    return [prefix[:-1]]
+
+
+def explicit_keys(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> frozenset[str]:
+    """The dotted settings the user gave (in the YAML chain of ``path`` or as overrides), whatever their values:
+    "given" is never confused with "equal to the schema default". Call after ``load_config`` validated them."""
+    leaves = set(flat_settings(MegasegConfig()))
+    layers = [layer for _, layer in _read_yaml_chain(Path(path))] if path is not None else []
+    layers += [OmegaConf.from_dotlist([override]) for override in overrides]
+    given = set()
+    for layer in layers:
+        for key in _dotted_keys(layer):
+            # A dict-valued setting (model.rope_scaling) counts as given when any of its entries is.
+            while key and key not in leaves:
+                key = key.rpartition(".")[0]
+            if key:
+                given.add(key)
+    return frozenset(given)
+
+
 def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> MegasegConfig:
     """Resolve and validate the configuration; raises ValueError naming the file/field on any mistake."""
     merged = OmegaConf.structured(MegasegConfig)
@@ -79,3 +135,21 @@ def save_config(config: MegasegConfig, out_dir: str | os.PathLike) -> Path:
     tmp.write_text(config_to_yaml(config))
     tmp.replace(target)
     return target
+
+
+def absolute_local_paths(config: MegasegConfig) -> MegasegConfig:
+    """The config with every local path made absolute (model, tokenizer, data and prompt files, reward model,
+    normalizer, output and cache directories), so the config a run saves works from any directory."""
+    def absolute(path: Optional[str]) -> Optional[str]:
+        if path is None or path.startswith(SHIPPED_PREFIX):
+            return path
+        return str(Path(path).absolute())
+
+    def replaced(section: object, names: tuple[str, ...]) -> object:
+        return dataclasses.replace(section, **{name: absolute(getattr(section, name)) for name in names})
+
+    return dataclasses.replace(
+        config, model=replaced(config.model, ("tokenizer", "checkpoint")),
+        data=replaced(config.data, ("train_path", "eval_path", "prompt_path", "eval_prompt_path")),
+        rm=replaced(config.rm, ("checkpoint",)), normalizer=replaced(config.normalizer, ("path",)),
+        segmentation=replaced(config.segmentation, ("cache_dir",)), logging=replaced(config.logging, ("out_dir",)))

@@ -44,6 +44,9 @@ class ModelConfig:
     # Where the weights and tokenizer come from (local paths only: megaseg never downloads).
     tokenizer: Optional[str] = None
     checkpoint: Optional[str] = None
+    # Start from randomly initialised weights instead of model.checkpoint (tests and smoke runs only: such a model
+    # knows no language). The trainers refuse to start without model.checkpoint unless this is true.
+    random_init: bool = False
     # Token ids that end a response (the model's stop tokens; empty = the chat template's end-of-turn token, then
     # the tokenizer's EOS). Truncation writes back the response's own stop token, not the first of these.
     eos_token_ids: List[int] = field(default_factory=list)
@@ -62,6 +65,9 @@ class ModelConfig:
         if self.fp8 is not None:
             check_choice("model.fp8", self.fp8, FP8_FORMATS)
         check_choice("model.fp8_recipe", self.fp8_recipe, FP8_RECIPES)
+        if self.random_init and self.checkpoint is not None:
+            raise ValueError(f"model.random_init=true and model.checkpoint={self.checkpoint!r} both choose the initial "
+                             "weights; drop one of them")
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
                      "max_position_embeddings"):
             check_positive(f"model.{name}", getattr(self, name))

@@ -13,6 +13,8 @@ INTERPOLATIONS = ("even", "repeat", "none")
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 # How rollouts run the actor (megaseg.generation): megatron's static KV cache, or a full forward per step.
 GENERATION_BACKENDS = ("kv_cache", "full_forward")
+# How token losses reduce to the update's loss (megaseg.algorithms.ppo.aggregate_loss; veRL's names).
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,9 @@ class PPOConfig:
     clip_eps: float = 0.2
     # 0.25 for segment/token rewards, 0.2 for bandit in the paper.
     value_clip: float = 0.25
+    # token-mean: every token of the train batch weighs the same; seq-mean-token-mean: every response does (the
+    # paper's released code, used by examples/paper); seq-mean-token-sum: response token sums, averaged.
+    loss_aggregation: str = "token-mean"
     ppo_epochs: int = 1
     episodes: int = 1
     rollout_batch_size: int = 1024
@@ -46,7 +51,8 @@ class PPOConfig:
     sample_every: int = 10
     # Rollouts whose generated text and per-segment rewards go to <out>/samples.jsonl every sample_every steps.
     num_logged_samples: int = 2
-    # Stop after this many PPO steps (None: `episodes` passes over the prompts).
+    # Stop after this many PPO steps (None: `episodes` passes over the prompts). A stop point: the LR schedules span
+    # the episodes either way, so a resumed run may stop later or earlier.
     max_steps: Optional[int] = None
     # Sequences per forward pass of generation and of the experience forwards (actor, reference, critic, RM),
     # per data-parallel rank; inference only, so it can be larger than micro_batch_size.
@@ -66,6 +72,7 @@ class PPOConfig:
         check_choice("ppo.reward_granularity", self.reward_granularity, REWARD_GRANULARITIES)
         check_choice("ppo.interpolation", self.interpolation, INTERPOLATIONS)
         check_choice("ppo.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        check_choice("ppo.loss_aggregation", self.loss_aggregation, LOSS_AGGREGATIONS)
         check_choice("ppo.generation_backend", self.generation_backend, GENERATION_BACKENDS)
         check_positive("ppo.reward_clip", self.reward_clip)
         check_non_negative("ppo.kl_coef", self.kl_coef)
@@ -105,7 +112,8 @@ class DPOConfig:
     global_batch_size: int = 128
     micro_batch_size: int = 1
     epochs: int = 1
-    # Stop after this many optimizer steps (None: run the epochs).
+    # Stop after this many optimizer steps (None: run the epochs). A stop point: the LR schedule spans the epochs
+    # either way, so a resumed run may stop later or earlier.
     max_steps: Optional[int] = None
     # Loss / accuracy / implicit rewards on the held-out pairs (data.eval_path or data.eval_fraction) every N steps
     # (0: only at the end, when there is an eval split).

@@ -8,7 +8,8 @@ from megaseg.config._checks import check_choice, check_non_negative, check_posit
 from megaseg.config.training import OptimizerConfig
 
 AGGREGATIONS = ("mean", "sum", "last", "min")
-NORMALIZER_KINDS = ("regression", "none", "global", "last", "bandit")
+# The "kind" of a normalizer, in the config and in the normalizer file alike (megaseg.algorithms.normalizer).
+NORMALIZER_KINDS = ("location", "none", "global", "last_segment", "bandit")
 FIT_METHODS = ("huber", "ols")
 
 
@@ -22,7 +23,8 @@ class RewardModelConfig:
     global_batch_size: int = 128
     micro_batch_size: int = 1
     epochs: int = 1
-    # Stop after this many optimizer steps (None: run the epochs).
+    # Stop after this many optimizer steps (None: run the epochs). A stop point: the LR schedule spans the epochs
+    # either way, so a resumed run may stop later or earlier.
     max_steps: Optional[int] = None
     # Train only the top N transformer layers and the head (None: all), for small machines.
     train_top_layers: Optional[int] = None
@@ -47,8 +49,9 @@ class RewardModelConfig:
 
 @dataclass(frozen=True)
 class NormalizerConfig:
-    # regression = the paper's Mean(p)/Std(p); none/global/last = Table 5 ablations; bandit = scalar statistics.
-    kind: str = "regression"
+    # location = the paper's Mean(p)/Std(p) fitted on log p; none/global/last_segment = Table 5 ablations;
+    # bandit = scalar statistics of sequence rewards.
+    kind: str = "location"
     method: str = "huber"
     # Calibration pairs to score (the paper: 60,000); None = all of data.train_path.
     num_samples: Optional[int] = None

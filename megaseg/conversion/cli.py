@@ -29,9 +29,9 @@ def _check_flags(direction: str, given: dict) -> None:
         raise ValueError(f"convert {direction} does not take {', '.join(extra)}")
 
 
-def convert_command(config: MegasegConfig, direction: str, hf: Optional[str] = None, ckpt: Optional[str] = None,
-                    gguf: Optional[str] = None, out: Optional[str] = None, tp: Optional[int] = None,
-                    pp: Optional[int] = None) -> int:
+def convert_command(config: MegasegConfig, direction: str, explicit_keys: frozenset[str] = frozenset(),
+                    hf: Optional[str] = None, ckpt: Optional[str] = None, gguf: Optional[str] = None,
+                    out: Optional[str] = None, tp: Optional[int] = None, pp: Optional[int] = None) -> int:
     """Entry point of `megaseg convert`; `config.model` is consulted only by megatron-to-hf, and only when the
     checkpoint has no megaseg_model.yaml / config.yaml beside or above it."""
     _check_flags(direction, {"hf": hf, "ckpt": ckpt, "gguf": gguf, "out": out, "tp": tp, "pp": pp})

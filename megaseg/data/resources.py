@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib.resources
 from pathlib import Path
 
-SHIPPED_PREFIX = "shipped:"
+from megaseg.config.data import SHIPPED_PREFIX
+
 HH_RLHF_HARMLESS_PAIRS = "hh_rlhf_harmless/pairs.jsonl"
 MT_BENCH_QUESTIONS = "prompts/mt_bench_question.jsonl"
 ARENA_HARD_V01_QUESTIONS = "prompts/arena-hard-v0.1_question.jsonl"

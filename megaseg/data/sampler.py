@@ -76,6 +76,19 @@ class ResumableShardedSampler:
     def __len__(self) -> int:
         return (self.samples_per_epoch - self.consumed_in_epoch) // self.dp_size
 
+    def next_global_batch(self, global_batch_size: int) -> list[int]:
+        """This rank's indices of the next global batch (global_batch_size / dp_size of them), without advancing.
+
+        The epoch-tail rule of every trainer: when fewer than a global batch remain in the epoch, the tail is skipped
+        (advanced over) and the batch comes from the next epoch, so every step sees a whole global batch."""
+        if global_batch_size % self.dp_size or not 0 < global_batch_size <= self.samples_per_epoch:
+            raise ValueError(f"a global batch of {global_batch_size} must be a positive multiple of dp_size="
+                             f"{self.dp_size} no larger than an epoch ({self.samples_per_epoch} samples)")
+        left = self.samples_per_epoch - self.consumed_in_epoch
+        if left < global_batch_size:
+            self.advance(left)
+        return list(iter(self))[:global_batch_size // self.dp_size]
+
     def advance(self, num_global_samples: int) -> None:
         """Record that all ranks together consumed `num_global_samples` more; at the epoch's end start the next."""
         if num_global_samples < 0 or num_global_samples % self.dp_size:

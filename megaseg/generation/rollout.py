@@ -16,15 +16,17 @@ import torch
 from megaseg.data.batch import PromptBatch, SequenceBatch, collate_prompts
 from megaseg.data.encoding import TokenizedPrompt
 from megaseg.generation.settings import SamplingSettings
+from megaseg.parallel.initialize import ParallelContext
 
 # (actor, left-padded prompts, settings, parallel context, generator) -> right-padded prompt + response batch
-RolloutFn = Callable[[torch.nn.Module, PromptBatch, SamplingSettings, Any, Optional[torch.Generator]], SequenceBatch]
+RolloutFn = Callable[[torch.nn.Module, PromptBatch, SamplingSettings, ParallelContext, Optional[torch.Generator]],
+                    SequenceBatch]
 
 
 def megatron_rollout(backend: str, pad_token_id: int) -> RolloutFn:
     """megaseg.generation.generate with the run's backend (kv_cache / full_forward) and pad id."""
 
-    def rollout(model: torch.nn.Module, prompts: PromptBatch, settings: SamplingSettings, parallel_ctx: Any,
+    def rollout(model: torch.nn.Module, prompts: PromptBatch, settings: SamplingSettings, parallel_ctx: ParallelContext,
                 generator: Optional[torch.Generator]) -> SequenceBatch:
         from megaseg.generation import generate
 
@@ -55,7 +57,7 @@ def concat_sequence_batches(batches: Sequence[SequenceBatch], pad_token_id: int)
 
 
 def generate_rollouts(rollout_fn: RolloutFn, model: torch.nn.Module, prompts: Sequence[TokenizedPrompt],
-                      settings: SamplingSettings, parallel_ctx: Any, *, generator: Optional[torch.Generator],
+                      settings: SamplingSettings, parallel_ctx: ParallelContext, *, generator: Optional[torch.Generator],
                       micro_batch_size: int, pad_token_id: int) -> SequenceBatch:
     """Responses to ``prompts`` (this rank's), ``micro_batch_size`` prompts per sampler call, in prompt order."""
     pieces = []

@@ -40,12 +40,14 @@ class ScalarHeadModel(MegatronModule):
     """One pipeline stage of backbone + scalar head; `values = head(final_norm(decoder(embed(input_ids))))`.
 
     The head is a plain (tensor-parallel replicated) Linear(hidden, 1, bias=False), present on the last pipeline
-    stage only, initialised N(0, 1 / (hidden + 1)) like OpenRLHF's value head. It computes in `head_dtype`
-    (fp32 by default, whatever the backbone's dtype).
+    stage only, initialised N(0, 1 / (hidden + 1)) like OpenRLHF's value head, drawn from its own generator seeded
+    with `head_seed`: the default generator is seeded per pipeline stage, so a head drawn from it would depend on the
+    pipeline-parallel size (every reward model and critic gets its head here, nowhere else). It computes in
+    `head_dtype` (fp32 by default, whatever the backbone's dtype).
     """
 
     def __init__(self, config: TransformerConfig, transformer_layer_spec: ModuleSpec, *, vocab_size: int,
-                 max_sequence_length: int, rotary: RotaryArgs, head_dtype: torch.dtype,
+                 max_sequence_length: int, rotary: RotaryArgs, head_dtype: torch.dtype, head_seed: int,
                  pre_process: bool = True, post_process: bool = True) -> None:
         super().__init__(config=config)
         self.pre_process = pre_process
@@ -69,7 +71,10 @@ class ScalarHeadModel(MegatronModule):
         if post_process:
             device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
             self.head = torch.nn.Linear(config.hidden_size, 1, bias=False, device=device, dtype=head_dtype)
-            torch.nn.init.normal_(self.head.weight, mean=0.0, std=1.0 / (config.hidden_size + 1))
+            generator = torch.Generator().manual_seed(head_seed)
+            std = 1.0 / (config.hidden_size + 1)
+            with torch.no_grad():
+                self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=generator) * std)
             # Under sequence parallelism each tensor-parallel rank sees a slice of the positions, so the head's
             # gradient is partial per rank and megatron must all-reduce it like the norms' weights.
             self.head.weight.sequence_parallel = config.sequence_parallel
@@ -100,28 +105,31 @@ class ScalarHeadModel(MegatronModule):
         return values.transpose(0, 1).contiguous()
 
 
-def build_scalar_head_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *,
+def build_scalar_head_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, seed: int,
                             pre_process: Optional[bool] = None,
                             post_process: Optional[bool] = None) -> ScalarHeadModel:
-    """This rank's pipeline stage of a backbone + scalar head (None flags: from the rank's pipeline stage)."""
+    """This rank's pipeline stage of a backbone + scalar head (None flags: from the rank's pipeline stage); `seed`
+    (the run's seed) draws the fresh head."""
     config = build_transformer_config(model_cfg, parallel_cfg)
     check_parallel_state_matches(parallel_cfg)
     pre_process, post_process = pipeline_stage_flags(pre_process, post_process)
     return ScalarHeadModel(
         config, build_layer_spec(model_cfg, resolve_transformer_impl(model_cfg)),
         vocab_size=model_cfg.vocab_size, max_sequence_length=model_cfg.max_position_embeddings,
-        rotary=rotary_args(model_cfg), head_dtype=TORCH_DTYPES[model_cfg.reward_head_dtype],
+        rotary=rotary_args(model_cfg), head_dtype=TORCH_DTYPES[model_cfg.reward_head_dtype], head_seed=seed,
         pre_process=pre_process, post_process=post_process)
 
 
-def build_reward_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, pre_process: Optional[bool] = None,
-                       post_process: Optional[bool] = None) -> ScalarHeadModel:
+def build_reward_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, seed: int,
+                       pre_process: Optional[bool] = None, post_process: Optional[bool] = None) -> ScalarHeadModel:
     """The segment reward model: values[b, j] is the reward of a segment ending at token j (paper Eq. 3-4)."""
-    return build_scalar_head_model(model_cfg, parallel_cfg, pre_process=pre_process, post_process=post_process)
+    return build_scalar_head_model(model_cfg, parallel_cfg, seed=seed, pre_process=pre_process,
+                                   post_process=post_process)
 
 
-def build_critic(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, pre_process: Optional[bool] = None,
+def build_critic(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, seed: int, pre_process: Optional[bool] = None,
                  post_process: Optional[bool] = None) -> ScalarHeadModel:
     """The PPO critic: values[b, j] estimates the return after token j (initialised from the SFT backbone with a
     fresh head, paper App. D)."""
-    return build_scalar_head_model(model_cfg, parallel_cfg, pre_process=pre_process, post_process=post_process)
+    return build_scalar_head_model(model_cfg, parallel_cfg, seed=seed, pre_process=pre_process,
+                                   post_process=post_process)

@@ -1,15 +1,16 @@
-"""Parallel setup: torch.distributed + megatron parallel_state from torchrun/Slurm, the CPU shim, vocab-parallel ops.
+"""Parallel setup: torch.distributed + megatron parallel_state from torchrun/Slurm, the CPU shim, vocab-parallel ops,
+and the collectives every layer above uses (``collectives``: rank 0, barriers, sums across ranks).
 
 Importing this package does not import megatron-core (4 s); the functions that need it import it when called.
 
-Typical use, in a trainer or a distributed test (``run_distributed`` spawns gloo ranks with torchrun variables)::
+Typical use, in a command or a distributed test (``run_distributed`` spawns gloo ranks with torchrun variables)::
 
-    context = initialize_parallel(cfg.parallel, cfg.seed, fp8=cfg.model.fp8)  # applies the CPU shim if no CUDA
-    model = build_model(..., pg_collection=context.process_group_collection())
-    with cuda_device_redirect():        # megatron optimizer / pipeline schedules hard-code device="cuda"
-        optimizer = get_megatron_optimizer(...)
-    entropy = vocab_parallel_entropy(logits_shard, context.tp_group)
-    destroy_parallel()
+    with parallel_session(config) as context:     # initialize_parallel + destroy_parallel; CPU shim if no CUDA
+        model = build_gpt_model(config.model, config.parallel)
+        entropy = vocab_parallel_entropy(logits_shard, context.tp_group)
+
+The megatron code paths that hard-code CUDA (pipeline schedules, the optimizer) run inside ``cuda_device_redirect``
+in megaseg.models, the layer that drives megatron; nothing above it imports the shim.
 """
 from megaseg.parallel.cpu_compat import apply_cpu_compat, cuda_device_redirect, is_cpu_only
 from megaseg.parallel.initialize import ParallelContext, destroy_parallel, initialize_parallel, parallel_session

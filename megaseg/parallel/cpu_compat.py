@@ -4,7 +4,7 @@ megatron-core assumes CUDA in a handful of places that are not about computing o
 ``torch.cuda.current_device()`` where to allocate scratch buffers, synchronises, keeps its dropout RNG in a CUDA
 generator, and waits on CUDA streams around gradient reduction. On a CPU build of torch every one of those raises
 "Torch not compiled with CUDA enabled". The measured list, and the fix for each, is in
-``shared/notes/megatron-on-cpu.md``; each patch below names the call it unblocks.
+``docs/megatron-on-cpu.md``; each patch below names the call it unblocks.
 
 The patches change process-wide state, so they live here and nowhere else, apply only when CUDA is unavailable,
 and are idempotent. On a GPU machine ``apply_cpu_compat()`` does nothing and ``cuda_device_redirect()`` is a null
@@ -35,11 +35,6 @@ _applied = False
 def is_cpu_only() -> bool:
     """True when this process cannot use CUDA (a CPU build of torch, or no visible GPU)."""
     return not torch.cuda.is_available()
-
-
-def is_cpu_compat_applied() -> bool:
-    """Whether ``apply_cpu_compat()`` has patched this process."""
-    return _applied
 
 
 class _StandInStream:

@@ -77,13 +77,6 @@ class ParallelContext:
     def is_rank_zero(self) -> bool:
         return self.rank == 0
 
-    def process_group_collection(self) -> Any:
-        """megatron's ``ProcessGroupCollection`` for the initialised groups (megatron-core >= 0.14 takes one
-        ``pg_collection`` argument in model and DDP constructors)."""
-        from megatron.core.process_groups_config import ProcessGroupCollection
-
-        return ProcessGroupCollection.use_mpu_process_groups()
-
 
 def resolve_backend(parallel_cfg: ParallelConfig) -> str:
     """``auto`` -> nccl on CUDA, else gloo; an explicit nccl without CUDA is a user error."""

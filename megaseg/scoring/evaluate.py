@@ -12,21 +12,23 @@ The last line of output is one JSON object with the metrics; ``--out`` also writ
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
+from megaseg.atomic_io import write_text_atomic
 from megaseg.config import MegasegConfig
 from megaseg.data.encoding import EncodedPairs
-from megaseg.scoring.setup import (
+from megaseg.parallel.collectives import is_rank_zero
+from megaseg.parallel.initialize import ParallelContext
+from megaseg.scoring.inputs import (
     ScoredData,
     chat_renderer,
     encode_pairs_file,
-    is_rank_zero,
     reward_model_config,
     score_encoded_pairs,
-    write_text_atomic,
 )
 
 
@@ -69,10 +71,12 @@ def evaluation_metrics(scored: ScoredData, data_source: str) -> dict[str, Any]:
     }
 
 
-def evaluate_reward_model(command_config: MegasegConfig, parallel_ctx: Any = None) -> dict[str, Any]:
-    """The metrics dict (module docstring). ``parallel_ctx``: an initialised context to use, or None to initialise
-    one from the config and tear it down after. Collective; every rank gets the metrics."""
-    rm_dir, config = reward_model_config(command_config)
+def evaluate_reward_model(command_config: MegasegConfig, explicit_keys: Iterable[str],
+                          parallel_ctx: Optional[ParallelContext] = None) -> dict[str, Any]:
+    """The metrics dict (module docstring). ``explicit_keys``: the settings the user gave (megaseg.scoring.inputs).
+    ``parallel_ctx``: an initialised context to use, or None to initialise one from the config and tear it down
+    after. Collective; every rank gets the metrics."""
+    rm_dir, config = reward_model_config(command_config, explicit_keys)
     encoded, source = evaluation_pairs(config)  # bad data fails here, before any process group or model exists
     from megaseg.parallel import parallel_session
 
@@ -81,8 +85,9 @@ def evaluate_reward_model(command_config: MegasegConfig, parallel_ctx: Any = Non
         return evaluation_metrics(scored, source)
 
 
-def evaluate_reward_model_command(config: MegasegConfig, out: Optional[str] = None) -> int:
-    metrics = evaluate_reward_model(config)
+def evaluate_reward_model_command(config: MegasegConfig, explicit_keys: frozenset[str] = frozenset(),
+                                  out: Optional[str] = None) -> int:
+    metrics = evaluate_reward_model(config, explicit_keys)
     if is_rank_zero():
         line = json.dumps(metrics)
         if out is not None:

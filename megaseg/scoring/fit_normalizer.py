@@ -1,10 +1,10 @@
 """`megaseg fit-normalizer`: score a calibration set with a trained reward model and fit its reward normalizer.
 
-Recipe (paper Sec. 2.3 / App. F, notes/method-conventions.md): score the chosen AND the rejected response of every
+Recipe (paper Sec. 2.3 / App. F, docs/method.md): score the chosen AND the rejected response of every
 calibration pair; every segment reward with its location p = (t + 1) / T is one sample; ``LocationNormalizer.fit``
 groups them by p rounded to 3 decimals and fits Mean(p), Std(p) linear in log p (Huber by default, or OLS).
-``normalizer.kind`` chooses the ablations instead: global (mean/std of all segment rewards), last (of each response's
-last segment reward), bandit (of the sequence rewards e(x, y)), none (identity).
+``normalizer.kind`` (location by default) chooses the ablations instead: global (mean/std of all segment rewards),
+last_segment (of each response's last segment reward), bandit (of the sequence rewards e(x, y)), none (identity).
 
 Calibration data: ``data.train_path`` (``--data``; by default the file the reward model was trained on, as in the
 paper), its first ``normalizer.num_samples`` pairs (``--num-samples``; None: all).
@@ -21,9 +21,10 @@ The last line of output is a JSON object with the paths and the coefficients.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from megaseg.algorithms.location_fit import location_table
 from megaseg.algorithms.normalizer import (
@@ -33,42 +34,32 @@ from megaseg.algorithms.normalizer import (
     LastSegmentNormalizer,
     LocationNormalizer,
     Normalizer,
-    segmentation_label,
 )
+from megaseg.atomic_io import write_text_atomic
+from megaseg.checkpoint.reward_model_dir import read_reward_model_info
 from megaseg.config import MegasegConfig, config_to_yaml
+from megaseg.parallel.collectives import is_rank_zero
+from megaseg.parallel.initialize import ParallelContext
+from megaseg.scoring.inputs import ScoredData, encode_pairs_file, reward_model_config, score_encoded_pairs
+from megaseg.scoring.normalizer_file import normalizer_metadata, normalizer_path, write_normalizer
 from megaseg.scoring.normalizer_plot import plot_normalizer
 from megaseg.scoring.scores import PairScores
-from megaseg.scoring.setup import (
-    ScoredData,
-    encode_pairs_file,
-    is_rank_zero,
-    reward_model_config,
-    score_encoded_pairs,
-    write_text_atomic,
-)
-
-
-def normalizer_metadata(config: MegasegConfig) -> dict[str, Any]:
-    """What ties a normalizer to its reward model and segmentation (checked by PPO via ``check_compatible``)."""
-    seg = config.segmentation
-    return {"model": config.model.name, "c_ent": seg.entropy_cutoff if seg.mode == "entropy" else None,
-            "aggregation": config.rm.aggregation, "segmentation": segmentation_label(seg.mode, seg.ngram_size)}
 
 
 def fit_from_scores(scores: PairScores, *, kind: str, method: str, metadata: dict[str, Any]) -> Normalizer:
     """Fit the normalizer ``kind`` (config ``normalizer.kind``) on scored calibration responses."""
     positions, rewards = scores.calibration_samples()
-    if kind == "regression":
+    if kind == "location":
         return LocationNormalizer.fit(positions, rewards, method=method, **metadata)
     if kind == "global":
         return GlobalNormalizer.fit(positions, rewards, **metadata)
-    if kind == "last":
+    if kind == "last_segment":
         return LastSegmentNormalizer.fit(positions, rewards, **metadata)
     if kind == "bandit":
         return BanditNormalizer.fit(None, scores.sequence_rewards(), **metadata)
     if kind == "none":
         return IdentityNormalizer.fit(None, rewards, **metadata)
-    raise ValueError(f"normalizer.kind={kind!r} is not one of regression, none, global, last, bandit")
+    raise ValueError(f"normalizer.kind={kind!r} is not one of location, none, global, last_segment, bandit")
 
 
 @dataclass(frozen=True)
@@ -80,8 +71,6 @@ class NormalizerFit:
 
 
 def _calibration_record(scored: ScoredData, data_path: str) -> dict[str, Any]:
-    from megaseg.checkpoint.reward_model_dir import read_reward_model_info
-
     config, positions = scored.config, scored.scores.calibration_samples()[0]
     return {"data": data_path, "num_pairs": scored.scores.num_pairs, "num_responses": 2 * scored.scores.num_pairs,
             "num_segment_rewards": int(positions.size), "skipped": scored.encoded.skipped.summary(),
@@ -107,9 +96,7 @@ def output_paths(config: MegasegConfig, rm_dir: Path) -> tuple[Path, Path, Path]
     """(normalizer, plot, fit config): ``normalizer.path`` when set, where PPO reads it too (a second normalizer of
     the same reward model, for an ablation, must not replace the first), else ``<rm dir>/normalizer.json``; the plot
     and the config beside it, named after it (``normalizer.png`` and ``normalizer_config.yaml`` by default)."""
-    from megaseg.checkpoint.reward_model_dir import normalizer_path
-
-    target = Path(config.normalizer.path) if config.normalizer.path is not None else normalizer_path(rm_dir)
+    target = normalizer_path(config, rm_dir)
     return target, target.with_suffix(".png"), target.with_name(f"{target.stem}_config.yaml")
 
 
@@ -118,10 +105,9 @@ def _write_outputs(scored: ScoredData, normalizer: Normalizer, data_path: str) -
     target, plot_path, config_path = output_paths(config, scored.rm_dir)
     positions, rewards = scored.scores.calibration_samples()
     table = location_table(positions, rewards).to_dict()
-    document = {**normalizer.to_dict(), "calibration": _calibration_record(scored, data_path)}
+    document = _calibration_record(scored, data_path)
     if is_rank_zero():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(target, json.dumps(document, indent=2) + "\n")
+        write_normalizer(target, normalizer, document)
         plot_normalizer(plot_path, table, normalizer, _plot_title(normalizer, config, int(rewards.size)))
         write_text_atomic(config_path, config_to_yaml(config))
     coefficients = {key: value for key, value in normalizer.params().items() if key != "table"}
@@ -130,14 +116,15 @@ def _write_outputs(scored: ScoredData, normalizer: Normalizer, data_path: str) -
     return NormalizerFit(normalizer=normalizer, normalizer_path=target, plot_path=plot_path, summary=summary)
 
 
-def fit_normalizer(command_config: MegasegConfig, parallel_ctx: Any = None) -> NormalizerFit:
+def fit_normalizer(command_config: MegasegConfig, explicit_keys: Iterable[str],
+                   parallel_ctx: Optional[ParallelContext] = None) -> NormalizerFit:
     """Score the calibration set, fit, write normalizer.json + normalizer.png into the reward-model directory.
 
     ``command_config``: rm.checkpoint (the reward-model directory), data.train_path, normalizer.kind / method /
-    num_samples, and any explicit overrides (see ``scoring_setup``). ``parallel_ctx``: an initialised context to
+    num_samples, and the settings the user gave (``explicit_keys``, see megaseg.scoring.inputs). ``parallel_ctx``: an initialised context to
     use (the caller keeps it), or None to initialise one from the config and tear it down after. Collective.
     """
-    rm_dir, config = reward_model_config(command_config)
+    rm_dir, config = reward_model_config(command_config, explicit_keys)
     data_path = config.data.train_path
     if data_path is None:
         raise ValueError("no calibration data: pass --data FILE (data.train_path); the reward model's config names "
@@ -150,12 +137,13 @@ def fit_normalizer(command_config: MegasegConfig, parallel_ctx: Any = None) -> N
     with parallel_session(config, parallel_ctx) as context:
         scored = score_encoded_pairs(config, rm_dir, encoded, context)
         normalizer = fit_from_scores(scored.scores, kind=config.normalizer.kind, method=config.normalizer.method,
-                                     metadata=normalizer_metadata(config))
+                                     metadata=normalizer_metadata(config.model.name, config.segmentation,
+                                                                  config.rm.aggregation))
         return _write_outputs(scored, normalizer, str(data_path))
 
 
-def fit_normalizer_command(config: MegasegConfig) -> int:
-    fit = fit_normalizer(config)
+def fit_normalizer_command(config: MegasegConfig, explicit_keys: frozenset[str] = frozenset()) -> int:
+    fit = fit_normalizer(config, explicit_keys)
     if is_rank_zero():
         print(f"wrote {fit.normalizer_path} and {fit.plot_path}", flush=True)
         print(json.dumps(fit.summary), flush=True)

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from megaseg.algorithms.normalizer import LocationNormalizer, Normalizer, ScalarNormalizer
+from megaseg.atomic_io import write_bytes_atomic
 
 SCALAR_LABELS = {"global": "global mean/std of all segment rewards",
                  "last_segment": "mean/std of last-segment rewards",
@@ -76,9 +77,4 @@ def plot_normalizer(path: str | os.PathLike, table: Mapping[str, list], normaliz
     _draw_panel(std_axes, p, std, count, normalizer, "std")
     figure.suptitle(title, fontsize=11)
     figure.tight_layout()
-    target = Path(path)
-    tmp = target.with_name(f".tmp-{target.name}.{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        figure.savefig(handle, format="png")
-    os.replace(tmp, target)
-    return target
+    return write_bytes_atomic(Path(path), lambda handle: figure.savefig(handle, format="png"))

@@ -10,14 +10,12 @@ aggregation and locations come from ``megaseg.algorithms`` on the padded batch, 
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from megaseg.algorithms.aggregation import (
     aggregate_segment_rewards,
@@ -26,7 +24,10 @@ from megaseg.algorithms.aggregation import (
 )
 from megaseg.data.encoding import TokenizedPair
 from megaseg.segmentation.cache import RaggedArray, SegmentedPairs, ends_mask_from_positions
-from megaseg.training.common.metrics import format_duration
+from megaseg.models.inference import infer_sequences
+from megaseg.parallel.collectives import merge_dicts_across_ranks
+from megaseg.parallel.initialize import ParallelContext
+from megaseg.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -86,62 +87,34 @@ def _row_scores_fn(row_ends: Sequence[np.ndarray], aggregation: str):
     return rows
 
 
-class _ScoringProgress:
-    """`scoring: done/total sequences | elapsed | ETA` on rank 0, at most every `interval` seconds."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self.start = self.last = time.perf_counter()
-        self.interval = interval
-        self.show = not dist.is_initialized() or dist.get_rank() == 0
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if not self.show or (now - self.last < self.interval and done < total):
-            return
-        self.last = now
-        elapsed = now - self.start
-        print(f"scoring: {done}/{total} sequences | elapsed {format_duration(elapsed)} | "
-              f"ETA {format_duration(elapsed / max(done, 1) * (total - done))}", flush=True)
-
-
-def _gather(local: dict[int, Any]) -> dict[int, Any]:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return local
-    gathered: list[Optional[dict]] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
-    merged: dict[int, Any] = {}
-    for part in gathered:
-        merged.update(part or {})
-    return merged
-
-
 def _side(results: Sequence[tuple[np.ndarray, np.ndarray, float]]) -> ResponseScores:
     return ResponseScores(segment_rewards=RaggedArray.from_arrays([r[0] for r in results], np.float64),
                           positions=RaggedArray.from_arrays([r[1] for r in results], np.float64),
                           sequence_rewards=np.array([r[2] for r in results], dtype=np.float64))
 
 
-def score_pairs(model: torch.nn.Module, pairs: Sequence[TokenizedPair], segmented: SegmentedPairs, parallel_ctx: Any,
+def score_pairs(model: torch.nn.Module, pairs: Sequence[TokenizedPair], segmented: SegmentedPairs,
+                parallel_ctx: ParallelContext,
                 *, aggregation: str, micro_batch_size: int,
                 on_progress: Optional[Callable[[int, int], None]] = None) -> PairScores:
     """Score every pair's chosen and rejected response (see the module docstring). Collective: every rank calls it
     with the same pairs and gets every pair's scores."""
-    from megaseg.models.inference import infer_sequences
-
     if segmented.num_pairs != len(pairs):
         raise ValueError(f"the segmentation holds {segmented.num_pairs} pairs but {len(pairs)} pairs were given; "
                          "segment these very pairs (segment_ends_for)")
     mine = list(range(parallel_ctx.dp_rank, len(pairs), parallel_ctx.dp_size))
     sequences = [pairs[i].chosen for i in mine] + [pairs[i].rejected for i in mine]
     row_ends = [segmented.chosen_ends[i] for i in mine] + [segmented.rejected_ends[i] for i in mine]
+    progress = Progress("scoring", len(sequences), unit="sequences")
     rows = infer_sequences(model, sequences, micro_batch_size=micro_batch_size,
                            output_fn=_row_scores_fn(row_ends, aggregation),
                            is_last_stage=parallel_ctx.is_last_pipeline_stage,
-                           on_progress=on_progress if on_progress is not None else _ScoringProgress())
+                           on_progress=on_progress or (lambda done, total: progress.update(done)))
+    progress.close()
     # One rank per replica reports (the last stage's tensor-parallel rank 0); the others hold the same values or none.
     reports = rows is not None and parallel_ctx.tp_rank == 0
     local = {pair: (rows[k], rows[len(mine) + k]) for k, pair in enumerate(mine)} if reports else {}
-    merged = _gather(local)
+    merged = merge_dicts_across_ranks(local)
     missing = [i for i in range(len(pairs)) if i not in merged]
     assert not missing, f"pairs {missing[:8]} were scored by no rank"
     return PairScores(chosen=_side([merged[i][0] for i in range(len(pairs))]),

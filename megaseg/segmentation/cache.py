@@ -2,7 +2,7 @@
 
 Public API (stable; the reward-model trainer, fit-normalizer and eval-rm use it):
 
-- ``megaseg.segmentation.pipeline.segment_ends_for(config, encoded_pairs, parallel_ctx, model=None) -> SegmentedPairs``
+- ``megaseg.segmentation.segment_ends_for(config, encoded_pairs, parallel_ctx, model=None) -> SegmentedPairs``
   fills or reuses the cache and returns, for every pair, the segment end positions of its chosen and rejected
   sequence (collective: every rank calls it and gets all pairs).
 - ``SegmentedPairs.ends_mask(pair_indices, seq_length)`` -> ``[2B, S]`` bool, chosen rows first: exactly the row
@@ -32,9 +32,7 @@ resumes by computing only the missing shards. Two jobs must not fill the same en
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,36 +41,13 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from megaseg.data.encoding import TokenizedPair
+from megaseg.atomic_io import TMP_PREFIX, write_bytes_atomic, write_json_atomic
+from megaseg.parallel.collectives import barrier, is_rank_zero
 
 FORMAT_NAME = "megaseg-segment-cache"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 COMPLETE_FILE = "complete.json"
-TMP_PREFIX = ".tmp-"
-
-
-def data_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
-    """sha256 of every pair's token ids and EOS flags, in order: any change of data, template, tokenizer or
-    truncation changes it, so a cache entry can never be read for other sequences."""
-    digest = hashlib.sha256()
-    for pair in pairs:
-        for sequence in (pair.chosen, pair.rejected):
-            header = np.array([len(sequence.prompt_ids), len(sequence.response_ids), sequence.ends_with_eos],
-                              dtype=np.int64)
-            digest.update(header.tobytes())
-            digest.update(np.asarray(sequence.prompt_ids + sequence.response_ids, dtype=np.int64).tobytes())
-    return digest.hexdigest()
-
-
-def key_digest(key: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def write_json_atomic(path: Path, content: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(content, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -107,6 +82,15 @@ class RaggedArray:
         return np.diff(self.offsets)
 
 
+def open_collectively(root: Path, kind: str, key: dict, num_pairs: int, shard_size: int) -> "ShardedStore":
+    """Rank 0 creates (or checks) the entry before any rank opens it; then every rank lists the missing shards
+    before any rank writes one, so all ranks share out the same list. Collective."""
+    if is_rank_zero():
+        ShardedStore.prepare(root, kind, key, num_pairs, shard_size)
+    barrier()
+    return ShardedStore.open(root, kind, key, num_pairs, shard_size)
+
+
 class ShardedStore:
     """One cache entry: a manifest naming its key, and shard files written atomically one at a time.
 
@@ -133,7 +117,7 @@ class ShardedStore:
         if (root / MANIFEST_FILE).is_file():
             store = cls.open(root, kind, key, num_pairs, shard_size)
         else:
-            write_json_atomic(root / MANIFEST_FILE, manifest)
+            write_json_atomic(root / MANIFEST_FILE, manifest, sort_keys=True)
             store = cls(root, manifest)
         for leftover in root.glob(f"{TMP_PREFIX}*"):
             leftover.unlink(missing_ok=True)
@@ -176,13 +160,8 @@ class ShardedStore:
         return [shard for shard in range(self.num_shards) if not self.shard_path(shard).is_file()]
 
     def write_shard(self, shard: int, arrays: Mapping[str, np.ndarray]) -> None:
-        target = self.shard_path(shard)
-        tmp = target.with_name(f"{TMP_PREFIX}{target.name}.{os.getpid()}")
-        with open(tmp, "wb") as handle:  # a file handle: np.savez would append ".npz" to a path
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
+        # A file handle: np.savez would append ".npz" to a path.
+        write_bytes_atomic(self.shard_path(shard), lambda handle: np.savez(handle, **arrays))
 
     def read_shard(self, shard: int) -> dict[str, np.ndarray]:
         path = self.shard_path(shard)
@@ -201,7 +180,7 @@ class ShardedStore:
     def mark_complete(self, summary: Mapping[str, Any]) -> None:
         missing = self.missing_shards()
         assert not missing, f"marking {self.root} complete with shards {missing[:8]} missing"
-        write_json_atomic(self.root / COMPLETE_FILE, summary)
+        write_json_atomic(self.root / COMPLETE_FILE, summary, sort_keys=True)
 
     def read_summary(self) -> dict[str, Any]:
         return json.loads((self.root / COMPLETE_FILE).read_text())

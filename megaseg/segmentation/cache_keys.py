@@ -1,4 +1,7 @@
-"""What identifies a model's weights for cache keys: its checkpoint on disk, or its weights when it has none.
+"""The keys of segmentation cache entries: what identifies the data, the model whose entropies are cached, the
+tokenizer and the segmentation settings, so an entry can never be read for anything else.
+
+What identifies a model's weights: its checkpoint on disk, or its weights when it has none.
 
 A checkpoint is identified by its absolute path and the names, sizes and modification times of its files (cheap for
 a 140 GB checkpoint, and any rewrite changes it). A model built in memory without a checkpoint (tests, a tiny random
@@ -8,15 +11,21 @@ count as another model (a recomputation, never a wrong reuse).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from megaseg.config import MegasegConfig
 from megaseg.config.model import ModelConfig
+from megaseg.data.encoding import TokenizedPair
 from megaseg.models.architecture import model_architecture
+from megaseg.parallel.initialize import ParallelContext
 
 
 def path_fingerprint(path: str | os.PathLike, what: str) -> str:
@@ -33,7 +42,7 @@ def path_fingerprint(path: str | os.PathLike, what: str) -> str:
     return digest.hexdigest()
 
 
-def weights_fingerprint(model: torch.nn.Module, parallel_ctx: Any) -> str:
+def weights_fingerprint(model: torch.nn.Module, parallel_ctx: ParallelContext) -> str:
     """sha256 of every rank's weight shards (one data-parallel replica), the same on every rank. Collective."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -53,7 +62,7 @@ def weights_fingerprint(model: torch.nn.Module, parallel_ctx: Any) -> str:
 
 
 def model_identity(model_cfg: ModelConfig, *, model: Optional[torch.nn.Module] = None,
-                   parallel_ctx: Any = None) -> dict[str, Any]:
+                   parallel_ctx: Optional[ParallelContext] = None) -> dict[str, Any]:
     """The cache-key description of the model whose outputs are cached (its entropies). Collective when the
     model has no checkpoint (its weights are hashed on every rank)."""
     identity: dict[str, Any] = {"name": model_cfg.name, "architecture": model_architecture(model_cfg),
@@ -68,3 +77,60 @@ def model_identity(model_cfg: ModelConfig, *, model: Optional[torch.nn.Module] =
         raise ValueError("model.checkpoint is not set, and no model was passed: entropy segmentation needs the frozen "
                          "SFT model; set model.checkpoint to its megatron checkpoint (megaseg convert hf-to-megatron)")
     return identity
+
+
+def data_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
+    """sha256 of every pair's token ids and EOS flags, in order: any change of data, template, tokenizer or
+    truncation changes it, so a cache entry can never be read for other sequences."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        for sequence in (pair.chosen, pair.rejected):
+            header = np.array([len(sequence.prompt_ids), len(sequence.response_ids), sequence.ends_with_eos],
+                              dtype=np.int64)
+            digest.update(header.tobytes())
+            digest.update(np.asarray(sequence.prompt_ids + sequence.response_ids, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def key_digest(key: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def entropy_cache_key(config: MegasegConfig, pairs: Sequence[TokenizedPair], identity: dict) -> dict[str, Any]:
+    data = config.data
+    tokenizer = config.model.tokenizer
+    return {"model": identity,
+            "tokenizer": None if tokenizer is None else {"path": str(Path(tokenizer).absolute()),
+                                                         "files": path_fingerprint(tokenizer, "model.tokenizer")},
+            "max_length": data.max_length, "max_prompt_length": data.max_prompt_length,
+            "overlong_prompt": data.overlong_prompt, "data": data_fingerprint(pairs),
+            "shard_size": config.segmentation.shard_size,
+            "entropy": "fp32 nats, logits[j] predicts token j+1, one value per response token"}
+
+
+def segment_settings(config: MegasegConfig) -> dict[str, Any]:
+    seg = config.segmentation
+    settings: dict[str, Any] = {"mode": seg.mode}
+    if seg.mode == "entropy":
+        settings["entropy_cutoff"] = float(seg.entropy_cutoff)
+    if seg.mode == "ngram":
+        settings["ngram_size"] = int(seg.ngram_size)
+    return settings
+
+
+def segment_cache_key(config: MegasegConfig, pairs: Sequence[TokenizedPair],
+                       entropy_entry: Optional[Path]) -> dict[str, Any]:
+    key: dict[str, Any] = {**segment_settings(config), "shard_size": config.segmentation.shard_size}
+    if entropy_entry is not None:
+        key["entropies"] = entropy_entry.name
+    else:
+        key["data"] = data_fingerprint(pairs)
+        key["max_length"], key["max_prompt_length"] = config.data.max_length, config.data.max_prompt_length
+        tokenizer = config.model.tokenizer
+        if config.segmentation.mode == "sentence":  # only sentence mode reads token texts
+            if tokenizer is None:
+                raise ValueError("sentence segmentation decodes tokens, but model.tokenizer is not set; give the "
+                                 "model's local tokenizer directory or GGUF file")
+            key["tokenizer"] = {"path": str(Path(tokenizer).absolute()),
+                                "files": path_fingerprint(tokenizer, "model.tokenizer")}
+    return key

@@ -1,7 +1,7 @@
 """Choosing c_ent for a model from cached entropies: the mean segment length at any cutoff, and the cutoff for a target.
 
 The cutoff is model-specific (SmolLM2-135M at c_ent = 2.0 cuts HH-RLHF answers into segments of a few tokens; Phi-3
-at 1.75 into 10-22 tokens). Entropy segmentation (notes/method-conventions.md) makes every response's last content
+at 1.75 into 10-22 tokens). Entropy segmentation (docs/method.md) makes every response's last content
 token an end and adds one end per other content token whose entropy exceeds c_ent; a response made of EOS alone is
 one segment of one token. Hence, over a set of N responses with C content tokens in total,
 

@@ -1,4 +1,5 @@
-"""Encoded sequences (+ cached entropies or token texts) -> segment end positions, through megaseg.algorithms.
+"""Encoded sequences (+ cached entropies or token texts) -> segment end positions, through megaseg.algorithms;
+and phase 2 of segmentation, which cuts every shard of a cache entry that way.
 
 The boundary rules themselves live in ``megaseg.algorithms.segmentation`` (tested against per-sequence loops); this
 module only lays a group of sequences out as the right-padded ``[rows, seq]`` masks those functions take and reads
@@ -12,9 +13,15 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from megaseg.algorithms.segmentation import SEGMENTATION_MODES, segment_ends
-from megaseg.data.batch import collate_sequences
-from megaseg.data.encoding import TokenizedSequence
+from pathlib import Path
+
+from megaseg.algorithms.segmentation import SEGMENTATION_MODES, segment_ends, sentence_end_mask
+from megaseg.config import MegasegConfig
+from megaseg.data.batch import SequenceBatch, collate_sequences
+from megaseg.data.encoding import TokenizedPair, TokenizedSequence
+from megaseg.parallel.collectives import barrier, is_rank_zero, rank, world_size
+from megaseg.segmentation.cache import RaggedArray, SegmentedPairs, ShardedStore, open_collectively
+from megaseg.segmentation.cache_keys import key_digest, segment_cache_key, segment_settings
 
 # Padding sits after every real token and is masked out of every rule, so any valid id does.
 PAD_ID = 0
@@ -96,3 +103,103 @@ def cut_sequences(sequences: Sequence[TokenizedSequence], mode: str, *,
     rows, columns = ends.nonzero(as_tuple=True)
     counts = torch.bincount(rows, minlength=len(sequences)).tolist()
     return [part.numpy().astype(np.int32) for part in torch.split(columns, counts)]
+
+
+class TokenizerSentenceMarker:
+    """Sentence ends of rollouts (PPO's sentence granularity) from the tokenizer's token texts, by the same rule the
+    reward model was segmented with: ``[B, S]`` bool on the response tokens whose text ends a sentence."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+
+    def __call__(self, sequences: SequenceBatch) -> torch.Tensor:
+        rows = []
+        for row in range(sequences.batch_size):
+            columns = torch.nonzero(sequences.response_mask[row]).flatten()
+            texts = [""] * sequences.seq_length
+            ids = sequences.input_ids[row, columns].tolist()
+            for column, text in zip(columns.tolist(), response_token_texts(self.tokenizer, ids, self._texts)):
+                texts[column] = text
+            rows.append(texts)
+        return sentence_end_mask(rows, (sequences.batch_size, sequences.seq_length),
+                                 device=sequences.response_mask.device)
+
+
+# --- phase 2 of segmentation: segment ends, cut shard by shard into the cache --------------------------------
+
+
+def _sentence_texts(config: MegasegConfig, tokenizer: Any, sequences: Sequence[TokenizedSequence]) -> list:
+    if tokenizer is None:
+        if config.model.tokenizer is None:
+            raise ValueError("sentence segmentation decodes tokens, but model.tokenizer is not set")
+        from megaseg.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(config.model.tokenizer)
+    cache: dict[int, str] = {}
+    return [response_token_texts(tokenizer, s.response_ids, cache) for s in sequences]
+
+
+def _cut_shard(config: MegasegConfig, pairs: Sequence[TokenizedPair], entropies: Optional[list[np.ndarray]],
+               tokenizer: Any) -> dict[str, np.ndarray]:
+    seg = config.segmentation
+    sequences = [pair.chosen for pair in pairs] + [pair.rejected for pair in pairs]
+    texts = _sentence_texts(config, tokenizer, sequences) if seg.mode == "sentence" else None
+    ends = cut_sequences(sequences, seg.mode, response_entropies=entropies, cutoff=seg.entropy_cutoff,
+                         ngram_size=seg.ngram_size, response_texts=texts)
+    chosen = RaggedArray.from_arrays(ends[:len(pairs)], np.int32)
+    rejected = RaggedArray.from_arrays(ends[len(pairs):], np.int32)
+    return {"chosen_ends": chosen.values, "chosen_offsets": chosen.offsets, "rejected_ends": rejected.values,
+            "rejected_offsets": rejected.offsets,
+            "prompt_lengths": np.array([len(p.chosen.prompt_ids) for p in pairs], dtype=np.int32)}
+
+
+def _shard_entropies(entropy_store: Optional[ShardedStore], shard: int, store: ShardedStore,
+                     pairs: Sequence[TokenizedPair]) -> Optional[list[np.ndarray]]:
+    if entropy_store is None:
+        return None
+    assert entropy_store.shard_size == store.shard_size
+    arrays = entropy_store.read_shard(shard)
+    chosen = RaggedArray(arrays["chosen_entropy"], arrays["chosen_offsets"])
+    rejected = RaggedArray(arrays["rejected_entropy"], arrays["rejected_offsets"])
+    if len(chosen) != len(pairs):
+        raise ValueError(f"{entropy_store.shard_path(shard)} holds {len(chosen)} pairs, expected {len(pairs)}; "
+                         f"delete {entropy_store.root} and run `megaseg segment` again")
+    return [chosen[i] for i in range(len(chosen))] + [rejected[i] for i in range(len(rejected))]
+
+
+def read_segmented_pairs(store: ShardedStore, settings: dict[str, Any]) -> SegmentedPairs:
+    chosen, rejected, prompt_lengths = [], [], []
+    for shard in range(store.num_shards):
+        arrays = store.read_shard(shard)
+        chosen.append(RaggedArray(arrays["chosen_ends"], arrays["chosen_offsets"]))
+        rejected.append(RaggedArray(arrays["rejected_ends"], arrays["rejected_offsets"]))
+        prompt_lengths.append(arrays["prompt_lengths"])
+        if len(chosen[-1]) != len(store.pair_range(shard)):
+            raise ValueError(f"{store.shard_path(shard)} holds {len(chosen[-1])} pairs, expected "
+                             f"{len(store.pair_range(shard))}; delete {store.root} and run `megaseg segment` again")
+    return SegmentedPairs(chosen_ends=RaggedArray.concatenate(chosen), rejected_ends=RaggedArray.concatenate(rejected),
+                          prompt_lengths=np.concatenate(prompt_lengths), settings=dict(settings),
+                          cache_entry=store.root)
+
+
+def ensure_segment_cache(config: MegasegConfig, pairs: Sequence[TokenizedPair],
+                         entropy_store: Optional[ShardedStore], tokenizer: Any = None) -> SegmentedPairs:
+    """The complete segment entry for ``pairs``, cutting the missing shards; read whole on every rank."""
+    settings = segment_settings(config)
+    key = segment_cache_key(config, pairs, None if entropy_store is None else entropy_store.root)
+    root = Path(config.segmentation.cache_dir) / f"segments-{config.segmentation.mode}-{key_digest(key)}"
+    store = open_collectively(root, "segments", key, len(pairs), config.segmentation.shard_size)
+    if not store.is_complete():
+        missing = store.missing_shards()
+        barrier()
+        for shard in missing[rank()::world_size()]:
+            shard_pairs = [pairs[i] for i in store.pair_range(shard)]
+            entropies = _shard_entropies(entropy_store, shard, store, shard_pairs)
+            store.write_shard(shard, _cut_shard(config, shard_pairs, entropies, tokenizer))
+        barrier()
+        if is_rank_zero():
+            stats = read_segmented_pairs(store, settings).statistics()
+            store.mark_complete({**settings, **stats.to_dict()})
+        barrier()
+    return read_segmented_pairs(store, settings)

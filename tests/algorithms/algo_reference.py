@@ -1,5 +1,5 @@
 """Slow, obvious references: plain Python loops over ONE sequence, written from the paper and
-notes/method-conventions.md, sharing no code with megaseg.algorithms.
+docs/method.md, sharing no code with megaseg.algorithms.
 
 Rows are plain lists (bools / floats); segments are lists of token indices, so the reference reasons about segments
 as the paper does (a_0, ..., a_{T-1}) instead of about an end mask.
@@ -167,15 +167,16 @@ def interpolate(seg_values: list[float], segments: list[list[int]], length: int,
 
 # ------------------------------------------------------------------------------------------------- normalizer
 def location_table(positions: list[float], rewards: list[float]) -> dict[float, tuple[float, float, int]]:
-    groups: dict[float, list[float]] = {}
+    """Groups keyed the way the paper's released code keys them: the string f"{p:.3f}"."""
+    groups: dict[str, list[float]] = {}
     for p, r in zip(positions, rewards):
-        groups.setdefault(round(p, 3), []).append(r)
+        groups.setdefault(f"{p:.3f}", []).append(r)
     table = {}
-    for key in sorted(groups):
+    for key in sorted(groups, key=float):
         values = groups[key]
         mean = sum(values) / len(values)
         var = sum((v - mean) ** 2 for v in values) / len(values)
-        table[key] = (mean, math.sqrt(var), len(values))
+        table[float(key)] = (mean, math.sqrt(var), len(values))
     return table
 
 

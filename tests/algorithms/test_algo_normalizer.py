@@ -39,6 +39,32 @@ def test_table_matches_reference_grouping():
     assert table.p_min == p.min()
 
 
+def test_locations_group_as_the_released_codes_string_keys():
+    # Responses of 80 and 160 segments put p on halfway values such as 1/80 = 0.0125 (stored just above the half):
+    # f"{p:.3f}" groups it as 0.013, numpy's round-half-even as 0.012, and the groups (hence the fit) differ.
+    p = np.concatenate([np.arange(1, 81) / 80, np.arange(1, 161) / 160])
+    r = np.random.default_rng(3).standard_normal(p.size)
+    table = location_table(p, r)
+    expected = ref.location_table(p.tolist(), r.tolist())
+    assert table.p.tolist() == list(expected)
+    assert table.count.tolist() == [v[2] for v in expected.values()]
+    assert table.mean.tolist() == pytest.approx([v[0] for v in expected.values()], rel=1e-12)
+    assert 0.013 in expected and 0.0125 not in expected  # the halfway case went up
+    assert np.unique(np.round(p, 3)).size != len(expected) or not np.allclose(np.unique(np.round(p, 3)), list(expected))
+    fitted = nz.LocationNormalizer.fit(p, r, method="ols")
+    assert (fitted.w_mu, fitted.b_mu, fitted.w_sigma, fitted.b_sigma) == pytest.approx(
+        ref.location_fit(p, r, "ols"), rel=1e-9, abs=1e-12)
+
+
+def test_fit_needs_no_metadata():
+    p, r = calibration(seed=5)
+    fitted = nz.LocationNormalizer.fit(p, r, method="huber")
+    assert fitted.method == "huber" and fitted.model is None and fitted.segmentation is None
+    restored = nz.normalizer_from_dict(json.loads(json.dumps(fitted.to_dict())))
+    assert (restored.w_mu, restored.model) == (fitted.w_mu, None)
+    assert nz.LocationNormalizer.fit(p, r, method="ols").method == "ols"
+
+
 @pytest.mark.parametrize("method", ["huber", "ols"])
 def test_fit_matches_sklearn_huber_and_numpy_polyfit(method):
     p, r = calibration(seed=1)

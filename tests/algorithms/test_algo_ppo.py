@@ -202,3 +202,44 @@ def test_gae_ignores_garbage_at_masked_positions():
     clean_v = torch.where(mask, values, 0.0)
     exp_adv, exp_ret = ref.gae_row(clean_r[0].tolist(), clean_v[0].tolist(), mask[0].tolist(), 0.9, 0.8)
     assert adv[0].tolist() == pytest.approx(exp_adv) and ret[0].tolist() == pytest.approx(exp_ret)
+
+
+def _rows_reference(token_losses, mask, how):
+    """The three reductions written out over rows of plain lists: token-mean, seq-mean-token-mean, seq-mean-token-sum."""
+    rows = [[loss for loss, m in zip(row_losses, row_mask) if m] for row_losses, row_mask in zip(token_losses, mask)]
+    rows = [row for row in rows if row]
+    if how == "token-mean":
+        return sum(sum(row) for row in rows) / sum(len(row) for row in rows)
+    if how == "seq-mean-token-mean":
+        return sum(sum(row) / len(row) for row in rows) / len(rows)
+    return sum(sum(row) for row in rows) / len(rows)
+
+
+@given(st.integers(0, 10_000), st.sampled_from(ppo.LOSS_AGGREGATIONS))
+def test_loss_aggregations_match_their_definitions(seed, how):
+    gen = torch.Generator().manual_seed(seed)
+    logp, old, adv = (torch.randn(4, 7, generator=gen, dtype=torch.float64) * 0.3 for _ in range(3))
+    mask = torch.rand(4, 7, generator=gen) > 0.4
+    mask[:, 0] = True  # every response has an action
+    loss, _, _ = ppo.policy_loss(logp, old, adv, mask, clip_eps=0.2, loss_aggregation=how)
+    ratio = torch.exp(logp - old)
+    token_losses = (-torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv)).tolist()
+    assert loss.item() == pytest.approx(_rows_reference(token_losses, mask.tolist(), how), rel=1e-12)
+    values, old_values, returns = (torch.randn(4, 7, generator=gen, dtype=torch.float64) for _ in range(3))
+    value, _ = ppo.value_loss(values, old_values, returns, mask, clip=None, loss_aggregation=how)
+    squares = (0.5 * (values - returns).square()).tolist()
+    assert value.item() == pytest.approx(_rows_reference(squares, mask.tolist(), how), rel=1e-12)
+
+
+def test_loss_shares_of_a_larger_batch_add_up_to_its_loss():
+    gen = torch.Generator().manual_seed(1)
+    losses = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    mask = torch.rand(6, 5, generator=gen) > 0.3
+    mask[:, 0] = True
+    for how in ppo.LOSS_AGGREGATIONS:
+        whole = ppo.aggregate_loss(losses, mask, how)
+        counts = {"num_tokens": float(mask.sum()), "num_sequences": 6.0}
+        parts = sum(ppo.aggregate_loss(losses[rows], mask[rows], how, **counts) for rows in (slice(0, 2), slice(2, 6)))
+        assert parts.item() == pytest.approx(whole.item(), rel=1e-12), how
+    with pytest.raises(ValueError, match="loss aggregation"):
+        ppo.aggregate_loss(losses, mask, "token-sum")

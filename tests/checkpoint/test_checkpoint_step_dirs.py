@@ -1,6 +1,7 @@
 """Checkpoints: written at TP=2, resumed at TP=1 (model + Adam state + LR schedule continue exactly) and loaded at
-PP=2 with identical outputs; step directories appear atomically, `latest` and keep_last prune; RNG states come back
-at the same layout; a checkpoint of another architecture is refused naming the fields."""
+PP=2 with identical outputs; step directories appear atomically with every model of the step, `latest` and
+keep_last prune; RNG states come back at the same layout; a checkpoint of another architecture is refused naming the
+fields."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,9 @@ import torch
 
 from megaseg.config import load_config
 from megaseg.parallel.spawn import run_distributed
-from megaseg.checkpoint.step_dirs import LATEST_FILE, latest_checkpoint, resolve_checkpoint_dir
+from megaseg.checkpoint.step_dirs import LATEST_FILE, RNG_DIR, latest_checkpoint
+
+ROLE = "reward_model"
 
 SEQ = 16
 OPTIMIZER = dict(lr=1e-2, warmup_ratio=0.0, weight_decay=0.01, grad_clip=1.0)
@@ -50,7 +53,7 @@ def _setup(config):
     from megaseg.training.common.optimizer import setup_training
 
     initialize_parallel(config.parallel, seed=config.seed)
-    model = build_reward_model(config.model, config.parallel)
+    model = build_reward_model(config.model, config.parallel, seed=7)
     return setup_training(model, OptimizerConfig(**OPTIMIZER), total_steps=TOTAL_STEPS)
 
 
@@ -63,7 +66,7 @@ def _train_step(training, step: int) -> None:
 
 
 def _save_at_tp2(rank, world_size, root):
-    from megaseg.checkpoint.step_dirs import TrainingProgress, load_checkpoint, save_checkpoint
+    from megaseg.checkpoint.step_dirs import TrainingProgress, load_training_checkpoint, save_training_checkpoint
 
     config = _config(tp=2)
     training = _setup(config)
@@ -71,31 +74,29 @@ def _save_at_tp2(rank, world_size, root):
     for step in (1, 2, 3):
         _train_step(training, step)
         values[step] = _probe_values(training.model)
-        save_checkpoint(root, model=training.model, config=config, optimizer=training.optimizer,
-                        scheduler=training.scheduler, keep_last=2,
-                        progress=TrainingProgress(step=step, consumed_samples=4 * step, data_state={"index": step}))
+        save_training_checkpoint(root, models={ROLE: training}, config=config, keep_last=2,
+                                 progress=TrainingProgress(step=step, consumed_samples=4 * step,
+                                                           data_state={"index": step}))
     draws_after_save = (torch.rand(3), torch.randint(0, 1000, (3,)))
     _train_step(training, 99)  # move the RNG and the weights on, then come back
-    loaded = load_checkpoint(root, model=training.model, model_cfg=config.model, optimizer=training.optimizer,
-                             scheduler=training.scheduler)
+    loaded = load_training_checkpoint(latest_checkpoint(root), models={ROLE: training}, model_cfg=config.model)
     draws_after_load = (torch.rand(3), torch.randint(0, 1000, (3,)))
     return {"values": values, "draws": (draws_after_save, draws_after_load), "loaded": loaded,
             "values_after_load": _probe_values(training.model)}
 
 
 def _resume_at_tp1(rank, world_size, root):
-    from megaseg.checkpoint.step_dirs import load_checkpoint
+    from megaseg.checkpoint.step_dirs import load_model_state, load_training_checkpoint
 
     config = _config()
     training = _setup(config)
     wider = dataclasses.replace(config.model, hidden_size=128, num_layers=3)
     try:
-        load_checkpoint(Path(root) / "step_000002", model=training.model, model_cfg=wider)
+        load_model_state(Path(root) / "step_000002" / ROLE, model=training.model, model_cfg=wider)
         architecture_error = None
     except ValueError as error:
         architecture_error = str(error)
-    loaded = load_checkpoint(Path(root) / "step_000002", model=training.model, model_cfg=config.model,
-                             optimizer=training.optimizer, scheduler=training.scheduler)
+    loaded = load_training_checkpoint(Path(root) / "step_000002", models={ROLE: training}, model_cfg=config.model)
     values_at_2 = _probe_values(training.model)
     _train_step(training, 3)
     return {"loaded": loaded, "values_at_2": values_at_2, "values_at_3": _probe_values(training.model),
@@ -105,13 +106,14 @@ def _resume_at_tp1(rank, world_size, root):
 def _load_at_pp2(rank, world_size, root):
     from megaseg.models import build_reward_model
     from megaseg.parallel import initialize_parallel
-    from megaseg.checkpoint.step_dirs import load_checkpoint
+    from megaseg.checkpoint.step_dirs import load_model_state
 
     config = _config(pp=2)
     initialize_parallel(config.parallel, seed=config.seed)
-    model = build_reward_model(config.model, config.parallel)
-    loaded = load_checkpoint(root, model=model, model_cfg=config.model)  # weights only
-    return {"loaded": loaded, "values": _probe_values(model)}
+    model = build_reward_model(config.model, config.parallel, seed=7)
+    latest = latest_checkpoint(root)
+    load_model_state(latest / ROLE, model=model, model_cfg=config.model)  # weights only
+    return {"latest": latest, "values": _probe_values(model)}
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +128,9 @@ def test_step_directories_latest_and_pruning(saved):
     root, _ = saved
     assert sorted(path.name for path in root.iterdir()) == [LATEST_FILE, "step_000002", "step_000003"]
     assert (root / LATEST_FILE).read_text().strip() == "step_000003"
-    assert latest_checkpoint(root) == resolve_checkpoint_dir(root) == root / "step_000003"
+    assert latest_checkpoint(root) == root / "step_000003"
     assert load_config(root / "step_000003" / "config.yaml") == _config(tp=2)
+    assert {path.name for path in (root / "step_000003").iterdir()} == {ROLE, RNG_DIR, "progress.json", "config.yaml"}
 
 
 @pytest.mark.distributed
@@ -160,7 +163,7 @@ def test_load_at_pp2_gives_identical_outputs(saved):
     root, tp2 = saved
     first, last = run_distributed(_load_at_pp2, 2, str(root))
     assert first["values"] is None
-    assert last["loaded"].path.name == "step_000003"
+    assert last["latest"].name == "step_000003"
     torch.testing.assert_close(last["values"], tp2["values"][3], rtol=1e-5, atol=1e-5)
 
 
@@ -172,5 +175,3 @@ def test_latest_discovery_without_a_pointer(tmp_path):
     (tmp_path / LATEST_FILE).write_text("step_000007\n")
     with pytest.warns(UserWarning, match="names step_000007, which does not exist"):
         assert latest_checkpoint(tmp_path) == tmp_path / "step_000010"
-    with pytest.raises(ValueError, match=r"is neither a megaseg checkpoint step directory"):
-        resolve_checkpoint_dir(tmp_path / "nothing_here")

@@ -90,3 +90,28 @@ def test_cli_print_config_and_errors():
     assert resolved["normalizer"]["method"] == "ols" and resolved["seed"] == 7
     bad = run("train-rm", "model.family=gpt9")
     assert bad.returncode == 2 and "model.family='gpt9' is not allowed" in bad.stderr
+
+
+def test_every_config_the_docs_name_exists():
+    # The README and the Dockerfile tell users which YAML to pass; each one must be in the repo and load.
+    import re
+
+    named = set()
+    for document in ("README.md", "Dockerfile", "examples/paper/README.md"):
+        named |= set(re.findall(r"--config ((?:model_configs|examples)/[\w./-]+\.yaml)", (REPO / document).read_text()))
+    assert named, "no --config FILE found in the docs"
+    for path in sorted(named):
+        assert (REPO / path).is_file(), f"{path} is named in the docs but does not exist"
+        load_config(REPO / path)
+
+
+def test_explicit_keys_are_what_the_user_gave_not_what_differs_from_the_defaults(tmp_path):
+    from megaseg.config.loader import explicit_keys
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"rm": {"aggregation": "mean"}, "model": {
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}}))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"base": "base.yaml", "seed": 1234}))
+    given = explicit_keys(tmp_path / "run.yaml", ["data.max_length=2048"])
+    # Every one of these equals its schema default except rope_scaling, and every one counts as given.
+    assert given == {"rm.aggregation", "model.rope_scaling", "seed", "data.max_length"}
+    assert explicit_keys(None, []) == frozenset()

@@ -22,7 +22,7 @@ ATOL = 1e-4
 def _randomized_reward_model(model_cfg: ModelConfig, seed: int):
     from megaseg.models.scalar_head import build_reward_model
 
-    model = build_reward_model(model_cfg, ParallelConfig()).eval()
+    model = build_reward_model(model_cfg, ParallelConfig(), seed=7).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():

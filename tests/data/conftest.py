@@ -1,7 +1,7 @@
 """Tokenizers for the data-layer tests, loaded once per session (the GGUF one takes seconds)."""
 import pytest
 
-from data_test_paths import shared_tokenizer_dir, smollm2_gguf_path
+from material import shared_tokenizer_dir, smollm2_gguf_path
 from megaseg.data.tokenizer import load_tokenizer
 
 

@@ -11,7 +11,7 @@ from megaseg.data.rendering import ChatTemplateRenderer, RenderError
 from megaseg.data.resources import HH_RLHF_HARMLESS_PAIRS
 from megaseg.data.tokenizer import load_tokenizer
 
-from data_test_paths import shared_tokenizer_dir
+from material import shared_tokenizer_dir
 
 HI = [{"role": "user", "content": "Hi"}]
 MULTI_TURN = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from data_test_paths import SHARED_DATA
+from material import shared_file
 from megaseg.data.resources import (ARENA_HARD_V01_QUESTIONS, HH_RLHF_HARMLESS_PAIRS, MT_BENCH_QUESTIONS,
                                     list_shipped_files, resolve_data_path, shipped_path)
 
@@ -25,9 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_shipped_hh_rlhf_is_the_source_without_the_leftover_speaker_tag(tmp_path):
-    source = SHARED_DATA / "hh-rlhf-harmless/pairs.jsonl"
-    if not source.is_file():
-        pytest.skip(f"{source} is not available")
+    source = shared_file("hh-rlhf-harmless/pairs.jsonl")
     shipped = [json.loads(line) for line in shipped_path(HH_RLHF_HARMLESS_PAIRS).read_text().splitlines()]
     original = [json.loads(line) for line in source.read_text().splitlines()]
     assert len(shipped) == len(original) == 1830
@@ -53,9 +51,7 @@ def test_shipped_hh_rlhf_is_the_source_without_the_leftover_speaker_tag(tmp_path
     (ARENA_HARD_V01_QUESTIONS, "prompts/arena-hard-v0.1_question.jsonl"),
 ])
 def test_shipped_copies_are_byte_identical_to_the_sources(shipped, original):
-    source = SHARED_DATA / original
-    if not source.is_file():
-        pytest.skip(f"{source} is not available")
+    source = shared_file(original)
     digest = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()  # noqa: E731
     assert digest(shipped_path(shipped)) == digest(source)
 

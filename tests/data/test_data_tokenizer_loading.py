@@ -4,7 +4,7 @@ import pytest
 from megaseg.data import tokenizer as tokenizer_module
 from megaseg.data.tokenizer import load_tokenizer, padding_token_id
 
-from data_test_paths import SHARED_TOKENIZERS, shared_tokenizer_dir, smollm2_gguf_path
+from material import SHARED_DATA, SHARED_TOKENIZERS, shared_file, shared_tokenizer_dir, smollm2_gguf_path
 
 VECTORS = SHARED_TOKENIZERS / "llamacpp-test-vectors"
 SEPARATOR = "\n__ggml_vocab_test__\n"
@@ -14,8 +14,7 @@ def golden_vectors(vocab_name):
     """llama.cpp's test files: inputs end with the separator line; the .out file has one id list per input."""
     inputs_path = VECTORS / f"ggml-vocab-{vocab_name}.gguf.inp"
     outputs_path = VECTORS / f"ggml-vocab-{vocab_name}.gguf.out"
-    if not inputs_path.is_file():
-        pytest.skip(f"{inputs_path} is not available")
+    shared_file(str(inputs_path.relative_to(SHARED_DATA)))  # fails with the reason when absent
     inputs = inputs_path.read_text(encoding="utf-8").split(SEPARATOR)
     assert inputs[-1] == ""
     outputs = outputs_path.read_text(encoding="utf-8").split("\n")

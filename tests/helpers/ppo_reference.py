@@ -1,5 +1,5 @@
 """The PPO experience of ONE sequence, the slow obvious way: Python loops over tokens and segments, written from
-shared/notes/method-conventions.md (PPO section) and sharing no code with megaseg.
+docs/method.md (PPO section) and sharing no code with megaseg.
 
 Inputs are the dense model outputs of one row (full-vocabulary logits of actor and reference, the critic's and the
 reward model's head at every position); outputs are per-position Python lists in the layout of

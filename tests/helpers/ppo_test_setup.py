@@ -1,5 +1,5 @@
 """Shared pieces of the PPO tests: a tiny config, random prompts, a plain sampling loop, hand-written rewards, and a
-PPORun on tiny random models (built inside spawned ranks, see megaseg.parallel.spawn.run_distributed).
+PPOTrainer on tiny random models (built inside spawned ranks, see megaseg.parallel.spawn.run_distributed).
 
 The sampling loop here is deliberately the slow obvious one (a full forward per new token, no KV cache), so the PPO
 tests do not depend on megaseg.generation; it works under TP (vocab shards gathered) and PP (tokens broadcast from
@@ -132,12 +132,12 @@ def build_tiny_models(config: MegasegConfig):
     """Actor, an identical frozen reference, and a critic with the actor's backbone and a fresh head."""
     from megaseg.models.gpt import build_gpt_model
     from megaseg.models.scalar_head import build_critic
-    from megaseg.training.ppo.setup import PolicyModels
+    from megaseg.training.ppo.trainer import PolicyModels
 
     actor = build_gpt_model(config.model, config.parallel)
     reference = build_gpt_model(config.model, config.parallel)
     reference.load_state_dict(actor.state_dict())
-    critic = build_critic(config.model, config.parallel)
+    critic = build_critic(config.model, config.parallel, seed=config.seed)
     backbone = {key: value for key, value in actor.state_dict().items() if not key.startswith("output_layer")}
     result = critic.load_state_dict(backbone, strict=False)
     assert all(key.startswith("head.") for key in result.missing_keys), result.missing_keys
@@ -146,17 +146,30 @@ def build_tiny_models(config: MegasegConfig):
 
 def build_tiny_run(config: MegasegConfig, ctx: Any, *, scorer=None, normalizer=None, plan=None,
                    prompts: Optional[Sequence[TokenizedPrompt]] = None, models=None, sentence_marker=None):
-    """A PPORun on tiny random models; the reward is ``LikedTokenReward`` and no normalization unless given."""
+    """A PPOTrainer on tiny random models; the reward is ``LikedTokenReward`` and no normalization unless given."""
     from megaseg.algorithms.normalizer import IdentityNormalizer
-    from megaseg.training.ppo.setup import assemble_ppo_run
     from megaseg.training.ppo.reward_plan import resolve_reward_plan
+    from megaseg.training.ppo.trainer import PPOTrainer
 
     plan = plan or resolve_reward_plan(config)
     normalizer = normalizer or IdentityNormalizer(model="tiny", c_ent=None, aggregation="mean",
                                                   segmentation=plan.segmentation.mode)
-    return assemble_ppo_run(
-        config, ctx, models=models or build_tiny_models(config), plan=plan, scorer=scorer or LikedTokenReward(),
+    return PPOTrainer(
+        config, ctx, models=models or build_tiny_models(config), reward_plan=plan, scorer=scorer or LikedTokenReward(),
         normalizer=normalizer, prompts=prompts or random_prompts(8), rollout_fn=plain_rollout,
         stop_token_ids=(EOS_ID,), pad_token_id=PAD_ID,
         sentence_marker=sentence_marker or sentence_marker_every_7th,
         decode=lambda ids: " ".join(map(str, ids)))
+
+
+def run_ppo_steps(trainer, num_steps: int, progress=None) -> tuple[list[dict], object]:
+    """``num_steps`` steps of ``trainer`` from ``progress`` (a fresh start by default), as the training loop runs
+    them, without logging or checkpoints; (every step's metrics, the progress after the last)."""
+    from megaseg.checkpoint.step_dirs import TrainingProgress
+
+    progress = progress or TrainingProgress()
+    history = []
+    for _ in range(num_steps):
+        _, progress = trainer.train_one_step(progress)
+        history.append(dict(trainer.last_metrics))
+    return history, progress

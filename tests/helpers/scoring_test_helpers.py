@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -74,7 +75,7 @@ def random_pairs(num_pairs: int, *, vocab: int = 128, eos_id: int = 127, seed: i
 def reference_ends(sequence: TokenizedSequence, mode: str, *, entropies: Optional[Sequence[float]] = None,
                    cutoff: Optional[float] = None, n: Optional[int] = None,
                    texts: Optional[Sequence[str]] = None) -> list[int]:
-    """Segment end positions of ONE sequence, a plain loop over notes/method-conventions.md."""
+    """Segment end positions of ONE sequence, a plain loop over docs/method.md."""
     start, length = len(sequence.prompt_ids), len(sequence.response_ids)
     num_content = length - int(sequence.ends_with_eos)
     if mode == "bandit" or num_content == 0:
@@ -194,7 +195,7 @@ def _build_command_fixture(rank: int, world_size: int, root: str) -> dict:
     entropies = [dense_entropies(sft, s)[len(s.prompt_ids):].float().numpy() for s in sequences]
     cutoff = gap_cutoff(np.concatenate([e[:len(e) - s.ends_with_eos] for e, s in zip(entropies, sequences)]))
     config = _fixture_config(root_path, cutoff)
-    reward_model = build_reward_model(config.model, config.parallel)
+    reward_model = build_reward_model(config.model, config.parallel, seed=7)
     with torch.no_grad():
         reward_model.head.weight.normal_()  # spread the rewards: the init head is nearly constant
     reward_model.eval()

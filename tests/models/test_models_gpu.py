@@ -45,7 +45,7 @@ def _te_then_local(rank, world_size, root, fp8):
     config = load_config(None, ["model.transformer_impl=auto"] + ([f"model.fp8={fp8}"] if fp8 else []))
     initialize_parallel(config.parallel, seed=1, fp8=fp8)
     impl = resolve_transformer_impl(config.model)
-    te_model = build_reward_model(config.model, config.parallel).cuda()
+    te_model = build_reward_model(config.model, config.parallel, seed=7).cuda()
     if fp8 is None:
         te_values = _values(te_model)
     else:
@@ -56,7 +56,7 @@ def _te_then_local(rank, world_size, root, fp8):
     # TE's extra state (FP8 scaling metadata) is unexpected for the local layers and skipped on load.
     save_checkpoint(root, model=te_model, config=config, progress=TrainingProgress())
     local_cfg = dataclasses.replace(config.model, transformer_impl="local", fp8=None)
-    local = build_reward_model(local_cfg, config.parallel).cuda()
+    local = build_reward_model(local_cfg, config.parallel, seed=7).cuda()
     load_checkpoint(root, model=local, model_cfg=local_cfg, load_rng=False)
     return impl, _values(local), te_values
 
@@ -85,7 +85,7 @@ def _sequence_parallel_values(rank, world_size, sequence_parallel):
     config = load_config(None, ["parallel.tensor_model_parallel_size=2", "model.transformer_impl=transformer_engine",
                                 f"parallel.sequence_parallel={sequence_parallel}"])
     initialize_parallel(config.parallel, seed=1)
-    model = build_reward_model(config.model, config.parallel).cuda()
+    model = build_reward_model(config.model, config.parallel, seed=7).cuda()
     values = model(*_inputs(), None)
     values.sum().backward()
     return values.detach().float().cpu(), model.head.weight.grad.float().cpu()

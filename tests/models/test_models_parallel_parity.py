@@ -138,7 +138,7 @@ def _run_layout(rank, world_size, tp, pp, workdir):
     parallel_cfg = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     ctx = initialize_parallel(parallel_cfg, seed=SEED)
     model_cfg = ModelConfig()
-    rm = build_reward_model(model_cfg, parallel_cfg)
+    rm = build_reward_model(model_cfg, parallel_cfg, seed=7)
     lm = build_gpt_model(model_cfg, parallel_cfg)
     reference_files = {"rm": Path(workdir) / "rm_init.pt", "lm": Path(workdir) / "lm_init.pt"}
     if pp > 1:  # pipeline stages draw their init from other RNG streams: start from the dense weights
@@ -148,7 +148,7 @@ def _run_layout(rank, world_size, tp, pp, workdir):
     if world_size == 1:
         torch.save(result["rm_init"], reference_files["rm"])
         torch.save(dense_state_dict(lm), reference_files["lm"])
-        result["dense"] = _dense_checks(rm, lm, plain=build_reward_model(model_cfg, parallel_cfg))
+        result["dense"] = _dense_checks(rm, lm, plain=build_reward_model(model_cfg, parallel_cfg, seed=7))
 
     training = setup_training(rm, OptimizerConfig(**OPTIMIZER), total_steps=4)
     pairs_per_rank = NUM_PAIRS // ctx.dp_size

@@ -73,7 +73,6 @@ def _describe(context):
         "dp": (context.dp_size, context.dp_rank), "cp": (context.cp_size, context.cp_rank),
         "first_stage": context.is_first_pipeline_stage, "last_stage": context.is_last_pipeline_stage, "sums": sums,
         "random": float(torch.rand(1)),
-        "pg_collection_tp_size": context.process_group_collection().tp.size(),
     }
 
 

@@ -1,12 +1,14 @@
-"""The config fit-normalizer and eval-rm score under: the reward model's training config, with the command's explicit
-(non-default) settings on top; the architecture always from the checkpoint; overriding the segmentation warns."""
+"""The config fit-normalizer and eval-rm score under: the reward model's training config, with the settings the user
+gave on top (whatever their value, a schema default included); the architecture always from the checkpoint;
+overriding the segmentation warns."""
 import dataclasses
 import warnings
 
 import pytest
 
 from megaseg.config import MegasegConfig
-from megaseg.scoring.setup import overlay_explicit, scoring_config
+from megaseg.config.loader import explicit_keys
+from megaseg.scoring.inputs import scoring_config
 
 
 def _replace(config, **sections):
@@ -26,9 +28,10 @@ def _rm_config():
 def test_the_reward_models_settings_are_the_base():
     command = _replace(MegasegConfig(), rm={"checkpoint": "/rm"}, data={"eval_path": "/eval.jsonl"},
                        segmentation={"cache_dir": "/mine"}, model={"hidden_size": 4096, "tokenizer": "/moved/tok"})
+    given = {"rm.checkpoint", "data.eval_path", "segmentation.cache_dir", "model.hidden_size", "model.tokenizer"}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        merged = scoring_config(command, _rm_config())
+        merged = scoring_config(command, _rm_config(), given)
     assert not [w for w in caught if "scoring with" in str(w.message)]  # nothing that defines the scores changed
     assert merged.data.eval_path == "/eval.jsonl" and merged.data.eval_fraction == 0.0  # the file replaces the split
     assert (merged.data.train_path, merged.data.max_length) == ("/train.jsonl", 192)
@@ -43,12 +46,17 @@ def test_overriding_the_segmentation_warns():
     command = _replace(MegasegConfig(), segmentation={"mode": "bandit"})
     with pytest.warns(UserWarning, match="scoring with segmentation.mode='bandit', but the reward model was trained "
                                          "with 'ngram'"):
-        merged = scoring_config(command, _rm_config())
+        merged = scoring_config(command, _rm_config(), {"segmentation.mode"})
     assert merged.segmentation.mode == "bandit"
 
 
-def test_overlay_recurses_and_keeps_untouched_sections():
-    base, default = _rm_config(), MegasegConfig()
-    assert overlay_explicit(base, default, default) is base
-    merged = overlay_explicit(base, _replace(default, normalizer={"method": "ols"}), default)
-    assert merged.normalizer.method == "ols" and merged.data is base.data
+def test_a_given_setting_equal_to_the_schema_default_still_applies():
+    # rm.aggregation=mean is the schema's default; given explicitly it must replace the reward model's "min".
+    given = explicit_keys(None, ["rm.aggregation=mean"])
+    assert given == {"rm.aggregation"}
+    with pytest.warns(UserWarning, match="scoring with rm.aggregation='mean', but the reward model was trained with "
+                                         "'min'"):
+        merged = scoring_config(MegasegConfig(), _rm_config(), given)
+    assert merged.rm.aggregation == "mean"
+    # Not given: the reward model's own setting, although the command's config holds the default "mean" too.
+    assert scoring_config(MegasegConfig(), _rm_config(), set()).rm.aggregation == "min"

@@ -35,16 +35,17 @@ def _flat(scores):
 def test_location_fit_equals_scikit_learn_and_numpy():
     scores = _scores()
     p, r = _flat(scores)
-    keys = np.round(p, 3)
-    grid = np.unique(keys)
+    # The released code's grouping: string keys f"{p:.3f}".
+    keys = np.array([f"{value:.3f}" for value in p])
+    grid = sorted(set(keys.tolist()), key=float)
     mean = np.array([r[keys == k].mean() for k in grid])
     std = np.array([r[keys == k].std() for k in grid])
-    x = np.log(grid + 1e-10)
-    huber = fit_from_scores(scores, kind="regression", method="huber", metadata=METADATA)
+    x = np.log(np.array([float(k) for k in grid]) + 1e-10)
+    huber = fit_from_scores(scores, kind="location", method="huber", metadata=METADATA)
     for (w, b), y in (((huber.w_mu, huber.b_mu), mean), ((huber.w_sigma, huber.b_sigma), std)):
         reference = HuberRegressor(epsilon=1.35).fit(x[:, None], y)
         assert (w, b) == pytest.approx((reference.coef_[0], reference.intercept_), rel=1e-6, abs=1e-9)
-    ols = fit_from_scores(scores, kind="regression", method="ols", metadata=METADATA)
+    ols = fit_from_scores(scores, kind="location", method="ols", metadata=METADATA)
     assert (ols.w_mu, ols.b_mu) == pytest.approx(tuple(np.polyfit(x, mean, 1)), rel=1e-9)
     assert (ols.w_sigma, ols.b_sigma) == pytest.approx(tuple(np.polyfit(x, std, 1)), rel=1e-9)
     assert ols.num_samples == r.size and ols.c_ent == 2.0 and ols.segmentation == "entropy"
@@ -55,7 +56,7 @@ def test_scalar_kinds_equal_numpy():
     p, r = _flat(scores)
     global_ = fit_from_scores(scores, kind="global", method="huber", metadata=METADATA)
     assert (global_.mean, global_.std) == pytest.approx((r.mean(), r.std()))
-    last = fit_from_scores(scores, kind="last", method="huber", metadata=METADATA)
+    last = fit_from_scores(scores, kind="last_segment", method="huber", metadata=METADATA)
     assert (last.mean, last.std) == pytest.approx((r[p == 1.0].mean(), r[p == 1.0].std()))
     assert last.num_samples == 2 * scores.num_pairs  # one last segment per response
     sequence = np.concatenate([scores.chosen.sequence_rewards, scores.rejected.sequence_rewards])
@@ -67,5 +68,5 @@ def test_scalar_kinds_equal_numpy():
 def test_one_segment_per_response_needs_a_scalar_normalizer():
     scores = _scores(max_segments=1)
     with pytest.raises(ValueError, match="every calibration response has a single segment; use BanditNormalizer"):
-        fit_from_scores(scores, kind="regression", method="huber", metadata=METADATA)
+        fit_from_scores(scores, kind="location", method="huber", metadata=METADATA)
     assert fit_from_scores(scores, kind="bandit", method="huber", metadata=METADATA).kind == "bandit"

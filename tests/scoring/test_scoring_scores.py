@@ -17,9 +17,9 @@ BY_HAND = {"mean": np.mean, "sum": np.sum, "last": lambda r: r[-1], "min": np.mi
 def _score_all(config, ctx, pairs):
     from megaseg.models.scalar_head import build_reward_model
     from megaseg.scoring.scores import score_pairs
-    from megaseg.segmentation.pipeline import segment_ends_for
+    from megaseg.segmentation import segment_ends_for
 
-    model = build_reward_model(config.model, config.parallel)
+    model = build_reward_model(config.model, config.parallel, seed=7)
     model.eval()
     segmented = segment_ends_for(config, pairs, ctx)
     results = {}

@@ -9,7 +9,7 @@ from megaseg.data.batch import collate_pairs
 from megaseg.segmentation.cutoff import cutoff_sweep, cutoff_table, pick_cutoff
 from megaseg.segmentation.cache import RaggedArray, ShardedStore
 from megaseg.segmentation.cutting import cut_sequences, response_token_texts
-from megaseg.segmentation.pipeline import segment_ends_for
+from megaseg.segmentation import segment_ends_for
 from scoring_test_helpers import build_tiny_tokenizer, random_pairs, reference_ends, tiny_config
 
 

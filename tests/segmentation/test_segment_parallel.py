@@ -33,7 +33,8 @@ def _build_model(config):
 
 
 def _segment(config, ctx, model, pairs):
-    from megaseg.segmentation.pipeline import ensure_entropy_cache, read_entropies, segment_ends_for
+    from megaseg.segmentation import segment_ends_for
+    from megaseg.segmentation.entropy_pass import ensure_entropy_cache, read_entropies
 
     segmented = segment_ends_for(config, pairs, ctx, model)
     entropies, _ = read_entropies(ensure_entropy_cache(config, pairs, ctx, model), pairs)

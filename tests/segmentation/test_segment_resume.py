@@ -23,7 +23,7 @@ def _worker(cache_dir: str, delay: float, fresh_cache_dir: str) -> None:
     from megaseg.segmentation.cache import ShardedStore
     from megaseg.models.gpt import build_gpt_model
     from megaseg.parallel import initialize_parallel
-    from megaseg.segmentation.pipeline import segment_ends_for
+    from megaseg.segmentation import segment_ends_for
     from scoring_test_helpers import random_pairs, sharpen, tiny_config
 
     if delay > 0:

@@ -6,26 +6,17 @@ call it unconditionally.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
+from typing import Iterator, Mapping
 
 from megaseg.config.training import LoggingConfig
+from megaseg.progress import format_duration
 
 METRICS_FILE_NAME = "metrics.jsonl"
-
-
-def format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 class PhaseTimer:
@@ -41,6 +32,10 @@ class PhaseTimer:
             yield
         finally:
             self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def seconds(self) -> dict[str, float]:
+        """The phases timed since the last ``pop``, without resetting."""
+        return dict(self._seconds)
 
     def pop(self) -> dict[str, float]:
         seconds, self._seconds = self._seconds, {}

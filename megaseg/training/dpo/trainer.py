@@ -4,78 +4,58 @@
 
 The policy and the frozen reference both start from the SFT checkpoint (model.checkpoint); pairs come from
 data.train_path (held-out pairs from data.eval_path or data.eval_fraction), rendered with the chat template and cut
-by the paper's truncation rule, exactly as for reward-model training. Each step takes dpo.global_batch_size pairs
-(chosen and rejected answers of a pair in one forward batch), computes the reference's sequence log-probs, and
-minimizes -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) (beta 0.1). Metrics go to metrics.jsonl /
-TensorBoard; checkpoints (policy, optimizer, schedule, RNG, data position) every checkpoint.save_every steps and at
-the end, resumed automatically.
+by the paper's truncation rule, exactly as for reward-model training. The common loop (megaseg.training.common.loop)
+runs the steps; a step, each phase timed:
+
+    batch              this rank's dpo.global_batch_size / dp pairs -> micro-batches (chosen + rejected rows)
+    reference_forward  the frozen SFT model's sequence log-probs
+    forward_backward   -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) on the policy (beta 0.1)
+    optimizer          clip -> Adam step -> LR schedule
+
+Metrics go to metrics.jsonl / TensorBoard; checkpoints (policy, optimizer, schedule, RNG, data position) every
+checkpoint.save_every steps and at the end, resumed automatically with the invariant check every trainer has.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional
+from typing import Mapping, Optional, Sequence
 
-from megaseg.config import MegasegConfig, save_config
-from megaseg.data.sampler import ResumableShardedSampler
-from megaseg.checkpoint.step_dirs import TrainingProgress, latest_checkpoint, load_checkpoint, save_checkpoint
-from megaseg.training.dpo.step import dpo_evaluate, dpo_train_step
-from megaseg.training.common.metrics import RunLogger
+import torch
+
+from megaseg.checkpoint.sft import load_sft_language_model
+from megaseg.checkpoint.step_dirs import TrainedModel, TrainingProgress
+from megaseg.config import MegasegConfig
+from megaseg.config.loader import absolute_local_paths
+from megaseg.data.encoding import TokenizedPair
+from megaseg.models.inference import tensor_parallel_group
+from megaseg.models.pipeline import forward_backward, forward_only
+from megaseg.parallel.collectives import sum_over_replicas
+from megaseg.parallel.initialize import ParallelContext
+from megaseg.training.common.loop import StepPlan, StepReport, Trainer, plan_steps, rank_sampler
 from megaseg.training.common.optimizer import TrainingSetup, setup_training
+from megaseg.training.dpo.step import (
+    STAT_NAMES,
+    add_reference_log_probs,
+    collate_step,
+    dpo_loss_fn,
+    statistics_to_metrics,
+)
 
-CHECKPOINTS_DIR = "checkpoints"
+ROLE = "policy"  # the model's directory in a checkpoint step
+# Micro-batches per reference + policy forward during evaluation.
+EVAL_MICRO_BATCHES_PER_CALL = 4
 
 
-@dataclass(frozen=True)
-class DPOResult:
-    steps: int
-    last_metrics: dict[str, float]
-    last_eval: Optional[dict[str, float]]
-
-
-def train_dpo(config: MegasegConfig) -> int:
+def train_dpo(config: MegasegConfig, explicit_keys: frozenset[str] = frozenset()) -> int:
     """CLI entry: set up the process groups, train, tear down. Returns the exit code."""
     from megaseg.parallel import parallel_session
 
     with parallel_session(config) as parallel_ctx:
-        run_dpo(config, parallel_ctx)
+        DPOTrainer.from_config(config, parallel_ctx).run()
     return 0
 
 
-def plan_steps(config: MegasegConfig, num_pairs: int, dp_size: int) -> int:
-    """Optimizer steps of the run: epochs x full global batches (drop_last), capped by dpo.max_steps."""
-    dpo = config.dpo
-    if dpo.global_batch_size % (dp_size * dpo.micro_batch_size):
-        raise ValueError(f"dpo.global_batch_size={dpo.global_batch_size} must be a multiple of data-parallel size "
-                         f"{dp_size} x dpo.micro_batch_size={dpo.micro_batch_size}")
-    steps_per_epoch = (num_pairs - num_pairs % dp_size) // dpo.global_batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{num_pairs} training pairs are fewer than one global batch (dpo.global_batch_size="
-                         f"{dpo.global_batch_size}); lower it or add data")
-    total = steps_per_epoch * dpo.epochs
-    return min(total, dpo.max_steps) if dpo.max_steps is not None else total
-
-
-def build_policy_and_reference(config: MegasegConfig, total_steps: int) -> tuple[TrainingSetup, Any]:
-    """Policy (trainable, DDP + Adam + schedule) and reference (frozen), both from model.checkpoint."""
-    from megaseg.conversion.megatron_checkpoint import load_model_checkpoint
-    from megaseg.models.gpt import build_gpt_model
-
-    sft = config.model.checkpoint
-    if sft is None or not (Path(sft) / "metadata.json").is_file():
-        raise ValueError(f"model.checkpoint={sft!r} is not a megatron dist checkpoint of the SFT model; DPO starts "
-                         "the policy and the reference from it (megaseg convert hf-to-megatron --hf DIR --out DIR)")
-    policy = build_gpt_model(config.model, config.parallel)
-    load_model_checkpoint(policy, Path(sft))
-    reference = build_gpt_model(config.model, config.parallel)
-    load_model_checkpoint(reference, Path(sft))
-    reference.eval()
-    for param in reference.parameters():
-        param.requires_grad_(False)
-    return setup_training(policy, config.dpo.optimizer, total_steps), reference
-
-
-def _load_pairs(config: MegasegConfig):
+def load_preference_data(config: MegasegConfig) -> tuple[list[TokenizedPair], list[TokenizedPair], int]:
+    """(train pairs, held-out pairs, pad id) under the config's tokenizer, template and truncation."""
     from megaseg.data.rendering import ChatTemplateRenderer
     from megaseg.data.splits import load_preference_splits
     from megaseg.data.tokenizer import load_tokenizer, padding_token_id
@@ -88,52 +68,83 @@ def _load_pairs(config: MegasegConfig):
     return train.pairs, (evaluation.pairs if evaluation is not None else []), padding_token_id(tokenizer)
 
 
-def run_dpo(config: MegasegConfig, parallel_ctx: Any) -> DPOResult:
-    """The whole train-dpo job on initialised process groups (every rank calls it)."""
-    dpo = config.dpo
-    out_dir = Path(config.logging.out_dir)
-    if parallel_ctx.is_rank_zero:
-        save_config(config, out_dir)
-    train_pairs, eval_pairs, pad_id = _load_pairs(config)
-    total_steps = plan_steps(config, len(train_pairs), parallel_ctx.dp_size)
-    sampler = ResumableShardedSampler(len(train_pairs), seed=config.seed, dp_rank=parallel_ctx.dp_rank,
-                                      dp_size=parallel_ctx.dp_size, shuffle=config.data.shuffle, drop_last=True)
-    setup, reference = build_policy_and_reference(config, total_steps)
-    root = out_dir / CHECKPOINTS_DIR
-    progress = TrainingProgress()
-    latest = latest_checkpoint(root) if config.checkpoint.resume else None
-    if latest is not None:
-        progress = load_checkpoint(latest, model=setup.model, model_cfg=config.model, optimizer=setup.optimizer,
-                                   scheduler=setup.scheduler).progress
-        sampler.load_state_dict(progress.data_state)
-    logger = RunLogger(config.logging, total_steps, is_main=parallel_ctx.is_rank_zero, run_config=config,
-                       start_step=progress.step)
-    step_kwargs = dict(beta=dpo.beta, label_smoothing=dpo.label_smoothing, micro_batch_size=dpo.micro_batch_size,
-                       pad_token_id=pad_id, parallel_ctx=parallel_ctx)
-    eval_share = eval_pairs[parallel_ctx.dp_rank::parallel_ctx.dp_size]
-    metrics: dict[str, float] = {}
-    last_eval = None
-    try:
-        logger.message(f"DPO: {len(train_pairs)} pairs, beta {dpo.beta}, {total_steps} steps of "
-                       f"{dpo.global_batch_size} pairs" + (f"; resumed at step {progress.step}" if progress.step else ""))
-        while progress.step < total_steps:
-            per_rank = dpo.global_batch_size // parallel_ctx.dp_size
-            if len(sampler) < per_rank:
-                sampler.advance(len(sampler) * parallel_ctx.dp_size)
-            pairs = [train_pairs[index] for index in list(sampler)[:per_rank]]
-            metrics = dpo_train_step(setup, reference, pairs, **step_kwargs)
-            sampler.advance(dpo.global_batch_size)
-            progress = TrainingProgress(step=progress.step + 1,
-                                        consumed_samples=progress.consumed_samples + dpo.global_batch_size,
-                                        epoch=sampler.epoch, data_state=sampler.state_dict())
-            logger.log(progress.step, metrics)
-            done = progress.step == total_steps
-            if eval_pairs and ((dpo.eval_every and progress.step % dpo.eval_every == 0) or done):
-                last_eval = dpo_evaluate(setup.model, reference, eval_share, **step_kwargs)
-                logger.log(progress.step, last_eval, prefix="eval")
-            if done or (config.checkpoint.save_every and progress.step % config.checkpoint.save_every == 0):
-                save_checkpoint(root, model=setup.model, config=config, progress=progress, optimizer=setup.optimizer,
-                                scheduler=setup.scheduler, keep_last=config.checkpoint.keep_last)
-    finally:
-        logger.close()
-    return DPOResult(steps=progress.step, last_metrics=metrics, last_eval=last_eval)
+class DPOTrainer(Trainer):
+    config_sections = ("seed", "model", "data", "dpo")
+
+    def __init__(self, config: MegasegConfig, parallel_ctx: ParallelContext, *, policy: TrainingSetup,
+                 reference: torch.nn.Module, train_pairs: Sequence[TokenizedPair],
+                 eval_pairs: Sequence[TokenizedPair], pad_token_id: int, plan: StepPlan) -> None:
+        super().__init__(config, parallel_ctx, plan=plan, sampler=rank_sampler(len(train_pairs), config, parallel_ctx))
+        self.policy, self.reference = policy, reference
+        self.train_pairs, self.pad_token_id = list(train_pairs), pad_token_id
+        self.num_eval_pairs = len(eval_pairs)
+        self.eval_share = list(eval_pairs)[parallel_ctx.dp_rank::parallel_ctx.dp_size]
+        dpo = config.dpo
+        self.loss_fn = dpo_loss_fn(dpo.beta, dpo.label_smoothing, tensor_parallel_group(parallel_ctx))
+
+    @staticmethod
+    def plan(config: MegasegConfig, num_pairs: int, dp_size: int) -> StepPlan:
+        dpo = config.dpo
+        return plan_steps(section="dpo", num_samples=num_pairs, global_batch_size=dpo.global_batch_size,
+                          micro_batch_size=dpo.micro_batch_size, dp_size=dp_size, epochs=dpo.epochs,
+                          max_steps=dpo.max_steps)
+
+    @classmethod
+    def from_config(cls, config: MegasegConfig, parallel_ctx: ParallelContext) -> "DPOTrainer":
+        """Pairs, then policy (trainable: DDP + Adam + schedule) and reference (frozen), both from model.checkpoint."""
+        config = absolute_local_paths(config)
+        train_pairs, eval_pairs, pad_id = load_preference_data(config)
+        plan = cls.plan(config, len(train_pairs), parallel_ctx.dp_size)
+        policy = setup_training(load_sft_language_model(config, "train-dpo"), config.dpo.optimizer,
+                                plan.schedule_steps)
+        reference = load_sft_language_model(config, "train-dpo", frozen=True)
+        return cls(config, parallel_ctx, policy=policy, reference=reference, train_pairs=train_pairs,
+                   eval_pairs=eval_pairs, pad_token_id=pad_id, plan=plan)
+
+    def trained_models(self) -> Mapping[str, TrainedModel]:
+        return {ROLE: self.policy}
+
+    @property
+    def eval_every(self) -> int:
+        return self.config.dpo.eval_every
+
+    def describe(self) -> str:
+        dpo = self.config.dpo
+        return (f"DPO: {len(self.train_pairs)} pairs, beta {dpo.beta}, {self.plan.total_steps} steps of "
+                f"{dpo.global_batch_size} pairs")
+
+    def step(self, indices: list[int], progress: TrainingProgress) -> StepReport:
+        with self.timer.phase("batch"):
+            batches = collate_step([self.train_pairs[index] for index in indices], self.plan.micro_batch_size,
+                                   self.pad_token_id, self.ctx.device)
+        with self.timer.phase("reference_forward"):
+            batches = add_reference_log_probs(self.reference, batches, self.ctx)
+        with self.timer.phase("forward_backward"):
+            self.policy.model.train()
+            self.policy.zero_grads()
+            outputs = forward_backward(self.policy.model, batches, self.loss_fn)
+        with self.timer.phase("optimizer"):
+            learning_rate = float(self.policy.optimizer.param_groups[0]["lr"])
+            result = self.policy.step()
+        local = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
+        for output in outputs:
+            local += output["stats"].detach().cpu()
+        metrics = statistics_to_metrics(sum_over_replicas(local, self.ctx))
+        metrics.update(grad_norm=result.grad_norm, skipped_step=float(not result.updated), lr=learning_rate)
+        return StepReport(train=metrics)
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> Optional[dict[str, float]]:
+        """Loss, accuracy and implicit rewards on the held-out pairs (means over all ranks); None without them."""
+        if not self.num_eval_pairs:
+            return None
+        micro = self.plan.micro_batch_size
+        local = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
+        usable = len(self.eval_share) - len(self.eval_share) % micro
+        for start in range(0, usable, EVAL_MICRO_BATCHES_PER_CALL * micro):
+            chunk = self.eval_share[start:min(start + EVAL_MICRO_BATCHES_PER_CALL * micro, usable)]
+            batches = add_reference_log_probs(
+                self.reference, collate_step(chunk, micro, self.pad_token_id, self.ctx.device), self.ctx)
+            for output in forward_only(self.policy.model, batches, self.loss_fn):
+                local += output[1]["stats"].detach().cpu()
+        return statistics_to_metrics(sum_over_replicas(local, self.ctx))

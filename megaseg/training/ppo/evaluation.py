@@ -7,23 +7,27 @@ fraction of responses that ended with a stop token. Greedy decoding by default, 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from megaseg.algorithms.aggregation import aggregate_segment_rewards
-from megaseg.training.ppo.experience_forward import policy_log_probs_and_entropy
-from megaseg.training.ppo.metrics import dp_sum
-from megaseg.training.ppo.step import PPORun
-from megaseg.training.ppo.reward_shaping import cut_segments, normalize_rewards, score_segments
 from megaseg.generation.rollout import generate_rollouts, rollout_generator
+from megaseg.parallel.collectives import sum_over_data_parallel
+from megaseg.training.ppo.experience import policy_log_probs_and_entropy
+from megaseg.training.ppo.reward_shaping import cut_segments, normalize_rewards, score_segments
+
+if TYPE_CHECKING:
+    from megaseg.training.ppo.trainer import PPOTrainer
 
 EVAL_STATS = ("num_responses", "rm_score_sum", "normalized_reward_sum", "kl_sum", "length_sum", "num_stopped")
 # Keeps evaluation sampling (eval_greedy=false) off the rollout generators' streams.
 EVAL_SEED_OFFSET = 7_777
 
 
-def eval_prompts_of_rank(run: PPORun) -> list:
+def eval_prompts_of_rank(run: "PPOTrainer") -> list:
     """This rank's share of the eval prompts: a multiple of dp_size of them, dealt round-robin."""
-    ctx = run.parallel_ctx
+    ctx = run.ctx
     usable = len(run.eval_prompts) - len(run.eval_prompts) % ctx.dp_size
     if usable == 0:
         raise ValueError(f"{len(run.eval_prompts)} eval prompts for {ctx.dp_size} data-parallel ranks; give at least "
@@ -32,9 +36,9 @@ def eval_prompts_of_rank(run: PPORun) -> list:
 
 
 @torch.no_grad()
-def evaluate_policy(run: PPORun, step: int) -> dict[str, float]:
+def evaluate_policy(run: "PPOTrainer", step: int) -> dict[str, float]:
     """Collective over every rank. ``step``: the PPO steps done (seeds the sampler when not greedy)."""
-    ctx, ppo, sources = run.parallel_ctx, run.config.ppo, run.sources
+    ctx, ppo, sources = run.ctx, run.config.ppo, run.sources
     prompts = eval_prompts_of_rank(run)
     generator = rollout_generator(run.config.seed + EVAL_SEED_OFFSET, step, ctx.dp_rank, ctx.device)
     rollout = generate_rollouts(run.rollout_fn, run.actor.model, prompts, run.sampling_settings(ppo.eval_greedy),
@@ -47,17 +51,17 @@ def evaluate_policy(run: PPORun, step: int) -> dict[str, float]:
                                              chunk_size=chunk)
     actions = rollout.response_mask
     kl = torch.where(actions, actor.log_probs - reference.log_probs, 0.0).sum(dim=1)
-    ends = cut_segments(run.plan, rollout, reference.entropy, sources.sentence_marker)
-    reward_ends, raw = score_segments(run.plan, sources.scorer, rollout, ends)
+    ends = cut_segments(run.reward_plan, rollout, reference.entropy, sources.sentence_marker)
+    reward_ends, raw = score_segments(run.reward_plan, sources.scorer, rollout, ends)
     normalized, _ = normalize_rewards(sources.normalizer, raw, reward_ends, actions)
-    if run.plan.sequence_level:
+    if run.reward_plan.sequence_level:
         scores = raw.sum(dim=1)
     else:
-        scores = aggregate_segment_rewards(raw, reward_ends, run.plan.aggregation)
+        scores = aggregate_segment_rewards(raw, reward_ends, run.reward_plan.aggregation)
     local = torch.tensor([float(rollout.batch_size), float(scores.double().sum()), float(normalized.double().sum()),
                           float(kl.double().sum()), float(actions.sum()), float(rollout.eos_mask.any(dim=1).sum())],
                          dtype=torch.float64)
-    total = dp_sum(local, ctx)
+    total = sum_over_data_parallel(local, ctx)
     s = dict(zip(EVAL_STATS, total.tolist()))
     n = max(s["num_responses"], 1.0)
     return {"rm_score": s["rm_score_sum"] / n, "normalized_reward_per_response": s["normalized_reward_sum"] / n,

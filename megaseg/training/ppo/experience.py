@@ -8,20 +8,23 @@
     interpolate        even / repeat / none, then clamp to [-reward_clip, reward_clip]
     advantages         minus kl_coef * KL per token, GAE (gamma, lambda), whitening over all data-parallel ranks
 
-Every tensor is ``[B, S]`` in token positions (see megaseg.training.ppo.experience_forward for the alignment), the same
-on every rank of a model-parallel group.
+Every tensor is ``[B, S]`` in token positions (megaseg.models.inference gives the alignment: log-probs at j are of
+token j, entropies at j predict token j + 1, values at j are V(state before token j)), the same on every rank of a
+model-parallel group: the forwards run through the one frozen-model runner, whose last stage broadcasts its outputs
+to the earlier stages, so the reward phases run the same tensor code everywhere.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from megaseg.algorithms.normalizer import Normalizer
 from megaseg.config.policy import PPOConfig
 from megaseg.data.batch import SequenceBatch
-from megaseg.training.ppo.experience_forward import critic_values, policy_log_probs_and_entropy, shift_right
+from megaseg.models.inference import infer_batch, log_probs_and_entropy, shift_right, tensor_parallel_group
+from megaseg.parallel.initialize import ParallelContext
 from megaseg.training.common.metrics import PhaseTimer
 from megaseg.training.ppo.reward_plan import RewardPlan
 from megaseg.training.ppo.reward_shaping import (
@@ -34,6 +37,46 @@ from megaseg.training.ppo.reward_shaping import (
     normalize_rewards,
     score_segments,
 )
+
+
+@dataclass(frozen=True)
+class PolicyOutputs:
+    log_probs: torch.Tensor  # [B, S] fp32, token-aligned (column 0 is 0)
+    entropy: torch.Tensor    # [B, S] fp32, position-aligned (H of the distribution predicting token j + 1)
+
+
+@torch.no_grad()
+def policy_log_probs_and_entropy(model: torch.nn.Module, sequences: SequenceBatch, parallel_ctx: ParallelContext, *,
+                                 micro_batch_size: int, chunk_size: Optional[int] = None) -> PolicyOutputs:
+    """Log-probs of the rollout's tokens and the entropies of a causal LM (actor or reference), in ONE forward."""
+    tp_group = tensor_parallel_group(parallel_ctx)
+    log_probs, entropy = infer_batch(
+        model, sequences, parallel_ctx, micro_batch_size=micro_batch_size, num_outputs=2,
+        output_fn=lambda logits, batch: log_probs_and_entropy(logits, batch.input_ids, tp_group, chunk_size))
+    return PolicyOutputs(log_probs=log_probs, entropy=entropy)
+
+
+@torch.no_grad()
+def critic_values(critic: torch.nn.Module, sequences: SequenceBatch, parallel_ctx: ParallelContext, *,
+                  micro_batch_size: int) -> torch.Tensor:
+    """``[B, S]`` V(state before token j), token-aligned."""
+    (values,) = infer_batch(critic, sequences, parallel_ctx, micro_batch_size=micro_batch_size, num_outputs=1,
+                            output_fn=lambda head, batch: (shift_right(head.float()),))
+    return values
+
+
+class RewardModelScorer:
+    """The trained segment reward model behind the ``SegmentScorer`` interface of the experience maker: the head
+    runs at every position, the caller reads the segment ends (the model needs no segmentation)."""
+
+    def __init__(self, model: torch.nn.Module, parallel_ctx: ParallelContext, micro_batch_size: int):
+        self.model, self.parallel_ctx, self.micro_batch_size = model, parallel_ctx, micro_batch_size
+
+    @torch.no_grad()
+    def __call__(self, sequences: SequenceBatch, segment_ends: torch.Tensor) -> torch.Tensor:
+        (values,) = infer_batch(self.model, sequences, self.parallel_ctx, micro_batch_size=self.micro_batch_size,
+                                num_outputs=1, output_fn=lambda head, batch: (head.float(),))
+        return values
 
 
 @dataclass(frozen=True)
@@ -74,7 +117,7 @@ class Experience:
 
 
 def make_experience(rollout: SequenceBatch, sources: ExperienceSources, plan: RewardPlan, ppo: PPOConfig,
-                    kl_coef: float, parallel_ctx: Any, timer: PhaseTimer,
+                    kl_coef: float, parallel_ctx: ParallelContext, timer: PhaseTimer,
                     entropy_chunk_size: Optional[int] = None) -> Experience:
     """Run the phases of the module docstring on one rank's rollouts (collective over the model-parallel group, and
     over the data-parallel group for whitening)."""

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
-import torch.distributed as dist
 
 from megaseg.algorithms.aggregation import aggregate_segment_rewards
 from megaseg.algorithms.segments import segment_ids
+from megaseg.parallel.collectives import sum_over_data_parallel
+from megaseg.parallel.initialize import ParallelContext
 from megaseg.training.ppo.experience import Experience
 from megaseg.training.ppo.update import UpdateStats
 from megaseg.training.ppo.reward_plan import RewardPlan
@@ -30,14 +31,6 @@ def rm_scores(experience: Experience, plan: RewardPlan) -> torch.Tensor:
     if plan.sequence_level:
         return experience.raw_rewards.sum(dim=1)
     return aggregate_segment_rewards(experience.raw_rewards, experience.reward_ends, plan.aggregation)
-
-
-def dp_sum(local: torch.Tensor, parallel_ctx: Any) -> torch.Tensor:
-    """``local`` summed over the data-parallel group (statistics of the whole rollout batch), back on the CPU."""
-    total = local.to(parallel_ctx.device)  # NCCL reduces device tensors only
-    if parallel_ctx.dp_size > 1:
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=parallel_ctx.dp_group)
-    return total.cpu()
 
 
 def experience_statistics(experience: Experience, plan: RewardPlan) -> torch.Tensor:
@@ -94,11 +87,11 @@ PHASE_TOKENS = {"rollout": "generated", "actor_forward": "all", "reference_forwa
 
 def throughput_metrics(seconds: Mapping[str, float], stats: torch.Tensor, ppo_epochs: int) -> dict[str, float]:
     """tokens/s per phase over all data-parallel ranks (generated tokens for the rollout, prompt + response tokens
-    for the forwards, that times the epochs for the updates), plus the seconds of every phase."""
+    for the forwards, that times the epochs for the updates); the seconds themselves are logged under time/."""
     s = dict(zip(EXPERIENCE_STATS, stats.tolist()))
     counts = {"generated": s["num_response_tokens"], "all": s["num_response_tokens"] + s["num_prompt_tokens"]}
     counts["trained"] = counts["all"] * ppo_epochs
-    metrics = {f"seconds/{name}": value for name, value in seconds.items()}
+    metrics = {}
     for name, kind in PHASE_TOKENS.items():
         if seconds.get(name, 0.0) > 0:
             metrics[f"tokens_per_second/{name}"] = counts[kind] / seconds[name]
@@ -145,6 +138,6 @@ def write_samples(out_dir: str | Path, records: list[dict]) -> Optional[Path]:
     return path
 
 
-def reduce_experience_statistics(experience: Experience, plan: RewardPlan, parallel_ctx: Any) -> torch.Tensor:
+def reduce_experience_statistics(experience: Experience, plan: RewardPlan, parallel_ctx: ParallelContext) -> torch.Tensor:
     """``experience_statistics`` summed over the data-parallel group (the whole rollout batch)."""
-    return dp_sum(experience_statistics(experience, plan), parallel_ctx)
+    return sum_over_data_parallel(experience_statistics(experience, plan), parallel_ctx)

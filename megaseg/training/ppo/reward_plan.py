@@ -14,23 +14,22 @@
 
 "Sequence-level" granularities (bandit, segment_as_bandit) put one scalar on the last response token (EOS, or the
 last token of a truncated response); they take the scalar normalizers (bandit, none) and no interpolation. The
-others take the segment normalizers (regression, none, global, last) and any interpolation.
+others take the segment normalizers (location, none, global, last_segment) and any interpolation.
 
-The normalizer file is checked against the reward model: its kind, and the metadata it was calibrated with (model,
-segmentation, c_ent, aggregation). Without a matching file PPO does not start; the error gives the exact
-``megaseg fit-normalizer`` command that writes one (normalizer kind none needs no file: nothing is normalized).
+The normalizer file is checked against the reward model (megaseg.scoring.normalizer_file): its kind, and the
+metadata it was calibrated with (model, segmentation, c_ent, aggregation). Without a matching file PPO does not
+start; the error gives the exact ``megaseg fit-normalizer`` command that writes one.
 """
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megaseg.algorithms.normalizer import IdentityNormalizer, Normalizer, load_normalizer, segmentation_label
+from megaseg.algorithms.normalizer import Normalizer
 from megaseg.config import MegasegConfig
 from megaseg.config.segmentation import SegmentationConfig
+from megaseg.scoring.normalizer_file import fit_normalizer_hint, load_matching_normalizer, normalizer_metadata
 
 # granularity -> (segmentation.mode of the rollouts, segmentation.mode the reward model was trained with)
 MODES = {
@@ -43,10 +42,7 @@ MODES = {
     "segment_as_bandit": ("entropy", "entropy"),
 }
 SEQUENCE_LEVEL = frozenset({"bandit", "segment_as_bandit"})
-# normalizer.kind (config) -> Normalizer.kind (the file's "kind" field)
-NORMALIZER_FILE_KINDS = {"regression": "location", "none": "none", "global": "global", "last": "last_segment",
-                         "bandit": "bandit"}
-SEGMENT_NORMALIZER_KINDS = ("regression", "none", "global", "last")
+SEGMENT_NORMALIZER_KINDS = ("location", "none", "global", "last_segment")
 SEQUENCE_NORMALIZER_KINDS = ("bandit", "none")
 
 
@@ -135,69 +131,12 @@ def check_reward_model(plan: RewardPlan, rm_config: MegasegConfig, rm_dir: str) 
             f"{rm_config.rm.aggregation!r}; drop the override (PPO uses the reward model's aggregation)")
 
 
-def normalizer_file(config: MegasegConfig, rm_dir: str | Path) -> Path:
-    """normalizer.path, else <rm dir>/normalizer.json (where `megaseg fit-normalizer` writes)."""
-    from megaseg.checkpoint.reward_model_dir import NORMALIZER_FILE
-
-    return Path(config.normalizer.path) if config.normalizer.path is not None else Path(rm_dir) / NORMALIZER_FILE
-
-
-def fit_normalizer_command(plan: RewardPlan, rm_dir: str, rm_config: MegasegConfig, path: Path,
-                           default_path: Path) -> str:
-    """The command line that writes the normalizer this run needs, at ``path``."""
-    data = rm_config.data.train_path or "<calibration preference file>"
-    parts = [f"megaseg fit-normalizer --ckpt {rm_dir} --data {data}", f"normalizer.kind={plan.normalizer_kind}"]
-    if plan.granularity == "bandit_as_segment":
-        # A bandit RM calibrated where PPO will read it: at entropy segment ends.
-        parts += ["segmentation.mode=entropy", f"segmentation.entropy_cutoff={plan.segmentation.entropy_cutoff:g}"]
-    if path != default_path:
-        parts.append(f"normalizer.path={path}")  # fit-normalizer writes there instead of <rm dir>/normalizer.json
-    return " ".join(parts)
-
-
-def expected_metadata(plan: RewardPlan, rm_config: MegasegConfig) -> dict[str, Any]:
-    """The calibration metadata a matching normalizer carries (see megaseg.algorithms.normalizer)."""
-    c_ent = plan.segmentation.entropy_cutoff if plan.segmentation.mode == "entropy" else None
-    segmentation = segmentation_label(plan.segmentation.mode, plan.segmentation.ngram_size)
-    return {"model": rm_config.model.name, "segmentation": segmentation, "c_ent": c_ent,
-            "aggregation": plan.aggregation}
-
-
-def load_matching_normalizer(plan: RewardPlan, config: MegasegConfig, rm_config: MegasegConfig,
-                             rm_dir: str | Path) -> Normalizer:
-    """The normalizer the run uses; ValueError with the fit-normalizer command when it is missing or mismatched.
-
-    ``rm_dir``: the reward-model directory itself (resolved), ``rm_config`` its training config.
-
-    No silent (0, 1) fallback: kind ``none`` is the only way to run without statistics, and it is asked for by name.
-    """
-    if plan.normalizer_kind == "none":
-        return IdentityNormalizer(model=rm_config.model.name, c_ent=None, aggregation=plan.aggregation,
-                                  segmentation=segmentation_label(plan.segmentation.mode, plan.segmentation.ngram_size))
-    path = normalizer_file(config, rm_dir)
-    default_path = normalizer_file(MegasegConfig(), rm_dir)  # where fit-normalizer writes
-    command = fit_normalizer_command(plan, rm_dir, rm_config, path, default_path)
-    if not path.is_file():
-        raise ValueError(f"PPO needs the {plan.normalizer_kind} reward normalizer of {rm_dir}, but {path} does not "
-                         f"exist. Create it with:\n  {command}")
-    try:
-        normalizer = load_normalizer(path)
-    except (ValueError, json.JSONDecodeError, KeyError) as error:
-        raise ValueError(f"{path} is not a valid normalizer ({error}); write it again with:\n  {command}") from None
-    wanted_kind = NORMALIZER_FILE_KINDS[plan.normalizer_kind]
-    if normalizer.kind != wanted_kind:
-        raise ValueError(f"{path} holds a {normalizer.kind!r} normalizer, but normalizer.kind="
-                         f"{plan.normalizer_kind!r} needs {wanted_kind!r}; write one with:\n  {command}")
-    metadata = expected_metadata(plan, rm_config)
-    mismatched = [f"{key}: file has {getattr(normalizer, key)!r}, run needs {value!r}"
-                  for key, value in metadata.items() if not _same(getattr(normalizer, key), value)]
-    if mismatched:
-        raise ValueError(f"{path} was calibrated for other settings ({'; '.join(mismatched)}); write the normalizer "
-                         f"of this reward model with:\n  {command}")
-    return normalizer
-
-
-def _same(have: Any, want: Any) -> bool:
-    if isinstance(have, (int, float)) and isinstance(want, (int, float)):
-        return math.isclose(float(have), float(want))
-    return have == want
+def load_plan_normalizer(plan: RewardPlan, config: MegasegConfig, rm_config: MegasegConfig,
+                         rm_dir: str | Path) -> Normalizer:
+    """The normalizer the run uses, checked against the plan (the normalizer file's metadata rule); ValueError with
+    the fit-normalizer command when it is missing or mismatched. ``rm_dir``: the reward-model directory itself."""
+    expected = normalizer_metadata(rm_config.model.name, plan.segmentation, plan.aggregation)
+    # A bandit RM is calibrated where PPO reads it: at entropy segment ends.
+    calibrate_at = plan.segmentation if plan.granularity == "bandit_as_segment" else None
+    hint = fit_normalizer_hint(config, rm_dir, rm_config, calibrate_at)
+    return load_matching_normalizer(config, rm_dir, rm_config, expected=expected, hint=hint)

@@ -1,7 +1,7 @@
 """The reward phases of the experience maker, on ``[B, S]`` tensors: segment -> score -> normalize -> interpolate ->
 clamp -> KL penalty -> GAE -> whitening. One function per phase; the math itself is megaseg.algorithms'.
 
-Conventions (shared/notes/method-conventions.md, PPO section): only response tokens are actions; tokens after EOS
+Conventions (docs/method.md, PPO section): only response tokens are actions; tokens after EOS
 are padding and get nothing; in segment/token/sentence/n-gram modes EOS is in no segment, so it gets only the KL
 term; a sequence-level reward (bandit, segment-as-bandit) sits on the last response token (EOS, or the last token of
 a truncated response).

@@ -7,7 +7,11 @@ DDP) and those into micro-batches of ``micro_batch_size`` rows (gradient accumul
 A train batch is cut to its longest row: every micro-batch of one schedule call has the same shape.
 
 Losses (megaseg.algorithms.ppo): the clipped surrogate -min(r A, clip(r, 1 - eps, 1 + eps) A) and the clipped value
-loss 0.5 max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), each a token mean over the micro-batch's actions.
+loss 0.5 max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), reduced by ``ppo.loss_aggregation`` over the WHOLE
+train batch (all micro-batches of all data-parallel ranks): each micro-batch's loss is its share of that reduction
+(its token or response sums over the train batch's token or response count, counted across ranks before the step),
+times the micro-batch count and the data-parallel size that megatron's schedule and DDP divide by. So micro-batching
+and data parallelism never change the loss being minimised.
 """
 from __future__ import annotations
 
@@ -15,14 +19,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 from megaseg.algorithms.ppo import policy_loss, value_loss
+from megaseg.models.inference import next_token_log_probs, shift_right, tensor_parallel_group
 from megaseg.models.pipeline import forward_backward
-from megaseg.parallel.vocab_parallel import vocab_parallel_log_probs
-from megaseg.training.ppo.experience import Experience
-from megaseg.training.ppo.experience_forward import shift_right
+from megaseg.parallel.collectives import sum_over_data_parallel, sum_over_replicas
+from megaseg.parallel.initialize import ParallelContext
 from megaseg.training.common.optimizer import TrainingSetup
+from megaseg.training.ppo.experience import Experience
 
 # Entries of a statistics vector: summed over micro-batches, optimizer steps and data-parallel ranks.
 STAT_NAMES = ("loss", "clip_fraction", "approx_kl", "num_micro_batches")
@@ -43,6 +47,22 @@ class PPOMicroBatch:
 
 
 @dataclass(frozen=True)
+class TrainBatch:
+    """The micro-batches of one optimizer step, and the train batch's counts over all data-parallel ranks (the
+    denominators of the loss reduction)."""
+
+    micro_batches: list[PPOMicroBatch]
+    num_tokens: float      # action tokens of the whole train batch
+    num_sequences: float   # responses of the whole train batch (ppo.train_batch_size)
+    dp_size: int
+
+    @property
+    def loss_scale(self) -> float:
+        """What megatron divides each micro-batch's loss by (the micro-batch count, DDP's data-parallel mean)."""
+        return float(len(self.micro_batches) * self.dp_size)
+
+
+@dataclass(frozen=True)
 class UpdateStats:
     loss: float
     clip_fraction: float
@@ -59,23 +79,32 @@ def epoch_permutation(num_rows: int, seed: int, step: int, epoch: int) -> torch.
 
 
 def train_batches(experience: Experience, *, rows_per_step: int, micro_batch_size: int, num_epochs: int,
-                  seed: int, step: int) -> list[list[PPOMicroBatch]]:
-    """The micro-batches of every optimizer step of the update, in order (``num_epochs`` x rows / rows_per_step)."""
+                  seed: int, step: int, parallel_ctx: Optional[ParallelContext]) -> list[TrainBatch]:
+    """The train batches of every optimizer step of the update, in order (``num_epochs`` x rows / rows_per_step).
+    Collective over the data-parallel group (one reduction of the token counts for the whole update); None: one
+    process, nothing to reduce."""
     num_rows = experience.batch_size
     if num_rows % rows_per_step or rows_per_step % micro_batch_size:
         raise ValueError(f"{num_rows} rollouts per rank do not split into train batches of {rows_per_step} rows of "
                          f"micro-batches of {micro_batch_size}; make ppo.rollout_batch_size a multiple of "
                          "ppo.train_batch_size and that a multiple of data-parallel size x ppo.micro_batch_size")
     lengths = experience.sequences.attention_mask.sum(dim=1)
-    steps = []
+    actions = experience.action_mask.sum(dim=1)
+    plans = []
     for epoch in range(num_epochs):
         order = epoch_permutation(num_rows, seed, step, epoch)
-        for start in range(0, num_rows, rows_per_step):
-            rows = order[start:start + rows_per_step]
-            width = int(lengths[rows].max())
-            steps.append([_micro_batch(experience, rows[m:m + micro_batch_size], width)
-                          for m in range(0, rows_per_step, micro_batch_size)])
-    return steps
+        plans += [order[start:start + rows_per_step] for start in range(0, num_rows, rows_per_step)]
+    local_tokens = torch.stack([actions[rows].sum() for rows in plans]).double()
+    dp_size = 1 if parallel_ctx is None else parallel_ctx.dp_size
+    global_tokens = (local_tokens if parallel_ctx is None else sum_over_data_parallel(local_tokens, parallel_ctx)).tolist()
+    batches = []
+    for rows, num_tokens in zip(plans, global_tokens):
+        width = int(lengths[rows].max())
+        batches.append(TrainBatch(
+            micro_batches=[_micro_batch(experience, rows[m:m + micro_batch_size], width)
+                           for m in range(0, rows_per_step, micro_batch_size)],
+            num_tokens=num_tokens, num_sequences=float(rows_per_step * dp_size), dp_size=dp_size))
+    return batches
 
 
 def _micro_batch(experience: Experience, rows: torch.Tensor, width: int) -> PPOMicroBatch:
@@ -89,52 +118,51 @@ def _micro_batch(experience: Experience, rows: torch.Tensor, width: int) -> PPOM
         advantages=take(experience.advantages), old_values=take(experience.values), returns=take(experience.returns))
 
 
-def actor_loss_fn(tp_group: Any, clip_eps: float) -> Callable:
+def _stats(loss: torch.Tensor, scale: float, clip_fraction: torch.Tensor, approx_kl: torch.Tensor) -> torch.Tensor:
+    # The schedule divides the loss in place: the statistics are a fresh tensor (stack copies). The logged loss is
+    # the micro-batch's share of the train batch's loss, summed back to it in run_update.
+    one = torch.ones((), device=loss.device)
+    return torch.stack([loss.detach() / scale, clip_fraction.to(loss.device), approx_kl.to(loss.device), one]).double()
+
+
+def actor_loss_fn(tp_group: Any, clip_eps: float, loss_aggregation: str, train_batch: TrainBatch) -> Callable:
     """(logits ``[b, s, V/tp]``, micro-batch) -> (policy loss, {"stats": [len(STAT_NAMES)]})."""
 
     def loss_fn(logits: torch.Tensor, batch: PPOMicroBatch):
-        next_tokens = torch.cat([batch.input_ids[:, 1:], batch.input_ids[:, :1]], dim=1)
-        log_probs = shift_right(vocab_parallel_log_probs(logits, next_tokens, tp_group, validate=False))
-        loss, clip_fraction, approx_kl = policy_loss(log_probs, batch.old_log_probs, batch.advantages,
-                                                     batch.action_mask, clip_eps)
-        # The schedule divides the loss in place: the statistics are a fresh tensor (stack copies).
-        stats = torch.stack([loss.detach(), clip_fraction, approx_kl, torch.ones((), device=loss.device)])
-        return loss, {"stats": stats.double()}
+        log_probs = next_token_log_probs(logits, batch.input_ids, tp_group)
+        loss, clip_fraction, approx_kl = policy_loss(
+            log_probs, batch.old_log_probs, batch.advantages, batch.action_mask, clip_eps,
+            loss_aggregation=loss_aggregation, num_tokens=train_batch.num_tokens,
+            num_sequences=train_batch.num_sequences)
+        loss = loss * train_batch.loss_scale
+        return loss, {"stats": _stats(loss, train_batch.loss_scale, clip_fraction, approx_kl)}
 
     return loss_fn
 
 
-def critic_loss_fn(value_clip: Optional[float]) -> Callable:
+def critic_loss_fn(value_clip: Optional[float], loss_aggregation: str, train_batch: TrainBatch) -> Callable:
     """(critic head ``[b, s]``, micro-batch) -> (clipped value loss, {"stats": [len(STAT_NAMES)]})."""
 
     def loss_fn(head: torch.Tensor, batch: PPOMicroBatch):
         values = shift_right(head.float())
-        loss, clip_fraction = value_loss(values, batch.old_values, batch.returns, batch.action_mask, value_clip)
-        zero = torch.zeros((), device=loss.device)
-        stats = torch.stack([loss.detach(), clip_fraction.to(loss.device), zero, torch.ones((), device=loss.device)])
-        return loss, {"stats": stats.double()}
+        loss, clip_fraction = value_loss(values, batch.old_values, batch.returns, batch.action_mask, value_clip,
+                                         loss_aggregation=loss_aggregation, num_tokens=train_batch.num_tokens,
+                                         num_sequences=train_batch.num_sequences)
+        loss = loss * train_batch.loss_scale
+        return loss, {"stats": _stats(loss, train_batch.loss_scale, clip_fraction, torch.zeros(()))}
 
     return loss_fn
 
 
-def _reduce(local: torch.Tensor, parallel_ctx: Any) -> torch.Tensor:
-    """Sum over every rank; the last-stage ranks of one data-parallel replica (tp x cp of them) hold the same
-    statistics and the other stages zeros, so the sum is divided by tp x cp."""
-    total = local.to(parallel_ctx.device)  # NCCL reduces device tensors only
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total.cpu() / (parallel_ctx.tp_size * parallel_ctx.cp_size)
-
-
-def run_update(setup: TrainingSetup, steps: list[list[PPOMicroBatch]], loss_fn: Callable,
-               parallel_ctx: Any) -> UpdateStats:
-    """One optimizer step per entry of ``steps``; returns the means over all of them."""
+def run_update(setup: TrainingSetup, batches: list[TrainBatch], make_loss_fn: Callable[[TrainBatch], Callable],
+               parallel_ctx: ParallelContext) -> UpdateStats:
+    """One optimizer step per train batch; returns the means over all of them (the loss per train batch)."""
     setup.model.train()
     local = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
     grad_norms, skipped = [], 0
-    for micro_batches in steps:
+    for train_batch in batches:
         setup.zero_grads()
-        outputs = forward_backward(setup.model, micro_batches, loss_fn)
+        outputs = forward_backward(setup.model, train_batch.micro_batches, make_loss_fn(train_batch))
         for output in outputs:
             local += output["stats"].detach().cpu()
         result = setup.step()
@@ -142,20 +170,21 @@ def run_update(setup: TrainingSetup, steps: list[list[PPOMicroBatch]], loss_fn: 
             grad_norms.append(result.grad_norm)
         else:
             skipped += 1
-    total = _reduce(local, parallel_ctx)
-    count = max(float(total[3]), 1.0)
-    return UpdateStats(loss=float(total[0]) / count, clip_fraction=float(total[1]) / count,
-                       approx_kl=float(total[2]) / count,
+    total = sum_over_replicas(local, parallel_ctx)
+    num_micro = max(float(total[3]), 1.0)
+    return UpdateStats(loss=float(total[0]) / max(len(batches), 1), clip_fraction=float(total[1]) / num_micro,
+                       approx_kl=float(total[2]) / num_micro,
                        grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
-                       num_optimizer_steps=len(steps), num_skipped_steps=skipped)
+                       num_optimizer_steps=len(batches), num_skipped_steps=skipped)
 
 
-def update_critic(setup: TrainingSetup, steps: list[list[PPOMicroBatch]], value_clip: Optional[float],
-                  parallel_ctx: Any) -> UpdateStats:
-    return run_update(setup, steps, critic_loss_fn(value_clip), parallel_ctx)
+def update_critic(setup: TrainingSetup, batches: list[TrainBatch], value_clip: Optional[float], loss_aggregation: str,
+                  parallel_ctx: ParallelContext) -> UpdateStats:
+    return run_update(setup, batches, lambda batch: critic_loss_fn(value_clip, loss_aggregation, batch), parallel_ctx)
 
 
-def update_actor(setup: TrainingSetup, steps: list[list[PPOMicroBatch]], clip_eps: float,
-                 parallel_ctx: Any) -> UpdateStats:
-    tp_group = parallel_ctx.tp_group if parallel_ctx.tp_size > 1 else None
-    return run_update(setup, steps, actor_loss_fn(tp_group, clip_eps), parallel_ctx)
+def update_actor(setup: TrainingSetup, batches: list[TrainBatch], clip_eps: float, loss_aggregation: str,
+                 parallel_ctx: ParallelContext) -> UpdateStats:
+    tp_group = tensor_parallel_group(parallel_ctx)
+    return run_update(setup, batches, lambda batch: actor_loss_fn(tp_group, clip_eps, loss_aggregation, batch),
+                      parallel_ctx)

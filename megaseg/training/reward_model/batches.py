@@ -1,4 +1,4 @@
-"""Reward-model training data: segmented preference pairs, the global-batch arithmetic, and micro-batch collation.
+"""Micro-batches of reward-model training: segmented preference pairs -> padded forward batches.
 
 A global batch of G pairs is spread over the data-parallel ranks (G / dp each) and, on every rank, over micro-batches
 of m pairs (G / (dp * m) micro-batches, gradients accumulated). One micro-batch holds the chosen AND the rejected
@@ -15,31 +15,7 @@ from typing import Optional
 import torch
 
 from megaseg.data.batch import collate_pairs
-from megaseg.data.encoding import TokenizedPair
-
-
-@dataclass(frozen=True)
-class SegmentedPair:
-    """A tokenized pair with the segment ends of both answers, as positions in each answer's prompt+response ids
-    (position 0 = first prompt token: the columns of a right-padded batch; the segmentation cache's convention)."""
-
-    pair: TokenizedPair
-    chosen_ends: tuple[int, ...]    # [T_chosen], ascending, on response tokens
-    rejected_ends: tuple[int, ...]  # [T_rejected]
-
-    def __post_init__(self) -> None:
-        for name, ends, sequence in (("chosen", self.chosen_ends, self.pair.chosen),
-                                     ("rejected", self.rejected_ends, self.pair.rejected)):
-            start, stop = len(sequence.prompt_ids), len(sequence.prompt_ids) + len(sequence.response_ids)
-            if not ends or min(ends) < start or max(ends) >= stop:
-                raise ValueError(f"{self.pair.source}: {name} segment ends {list(ends)[:8]} must be non-empty "
-                                 f"positions of its response tokens [{start}, {stop}); the segmentation does not "
-                                 "match this data (delete its cache entry and segment again)")
-
-    @property
-    def num_tokens(self) -> int:
-        """Prompt + response tokens of both answers (what a forward pass over the pair processes)."""
-        return sum(len(s.prompt_ids) + len(s.response_ids) for s in (self.pair.chosen, self.pair.rejected))
+from megaseg.training.reward_model.data import SegmentedPair
 
 
 @dataclass(frozen=True)
@@ -86,41 +62,3 @@ def collate_step(pairs: Sequence[SegmentedPair], micro_batch_size: int, pad_id: 
     seq_length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     return [collate_reward_micro_batch(pairs[start:start + micro_batch_size], pad_id, seq_length)
             for start in range(0, len(pairs), micro_batch_size)]
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """How many pairs each step, rank and micro-batch takes, and how many steps the run has."""
-
-    global_batch_size: int   # pairs per optimizer step, all data-parallel ranks together
-    micro_batch_size: int    # pairs per forward pass (2x rows: chosen + rejected)
-    dp_size: int
-    steps_per_epoch: int
-    total_steps: int
-
-    @property
-    def pairs_per_rank(self) -> int:
-        return self.global_batch_size // self.dp_size
-
-    @property
-    def num_micro_batches(self) -> int:
-        return self.pairs_per_rank // self.micro_batch_size
-
-
-def plan_batches(*, num_pairs: int, global_batch_size: int, micro_batch_size: int, dp_size: int, epochs: int,
-                 max_steps: Optional[int]) -> BatchPlan:
-    """Check the batch sizes divide as they must; total steps = epochs x full global batches per epoch, capped by
-    max_steps. The last partial global batch of an epoch is not trained on (drop_last)."""
-    if global_batch_size % (dp_size * micro_batch_size):
-        raise ValueError(
-            f"rm.global_batch_size={global_batch_size} must be a multiple of data-parallel size {dp_size} x "
-            f"rm.micro_batch_size={micro_batch_size} = {dp_size * micro_batch_size}; change one of them")
-    usable = num_pairs - num_pairs % dp_size  # what the sampler hands out per epoch with drop_last
-    steps_per_epoch = usable // global_batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"the training set has {num_pairs} pairs, fewer than one global batch "
-                         f"(rm.global_batch_size={global_batch_size}); lower rm.global_batch_size or add data")
-    total_steps = steps_per_epoch * epochs
-    if max_steps is not None:
-        total_steps = min(total_steps, max_steps)
-    return BatchPlan(global_batch_size, micro_batch_size, dp_size, steps_per_epoch, total_steps)

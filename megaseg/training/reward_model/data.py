@@ -1,16 +1,61 @@
-"""The data phase of train-rm: tokenizer and chat template -> train/eval pairs -> segment ends of every answer."""
+"""The data phase of train-rm: tokenizer and chat template -> train/eval pairs -> segment ends of every answer.
+
+Segment ends come from the segmentation cache (``megaseg.segmentation.segment_ends_for``, the `megaseg segment`
+machinery): for entropy segmentation it runs the frozen SFT model once over the data, so a second train-rm run on
+the same data (another lr, the bandit baseline after the segment RM, a resumed run) reads the ends back.
+"""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
 from megaseg.config import MegasegConfig
-from megaseg.data.encoding import EncodedPairs
+from megaseg.data.encoding import EncodedPairs, TokenizedPair
 from megaseg.data.rendering import ChatTemplateRenderer
 from megaseg.data.splits import load_preference_splits
 from megaseg.data.tokenizer import load_tokenizer, padding_token_id
-from megaseg.training.reward_model.batches import SegmentedPair
-from megaseg.training.reward_model.segments import segment_pairs
+from megaseg.parallel.initialize import ParallelContext
+
+
+@dataclass(frozen=True)
+class SegmentedPair:
+    """A tokenized pair with the segment ends of both answers, as positions in each answer's prompt+response ids
+    (position 0 = first prompt token: the columns of a right-padded batch; the segmentation cache's convention)."""
+
+    pair: TokenizedPair
+    chosen_ends: tuple[int, ...]    # [T_chosen], ascending, on response tokens
+    rejected_ends: tuple[int, ...]  # [T_rejected]
+
+    def __post_init__(self) -> None:
+        for name, ends, sequence in (("chosen", self.chosen_ends, self.pair.chosen),
+                                     ("rejected", self.rejected_ends, self.pair.rejected)):
+            start, stop = len(sequence.prompt_ids), len(sequence.prompt_ids) + len(sequence.response_ids)
+            if not ends or min(ends) < start or max(ends) >= stop:
+                raise ValueError(f"{self.pair.source}: {name} segment ends {list(ends)[:8]} must be non-empty "
+                                 f"positions of its response tokens [{start}, {stop}); the segmentation does not "
+                                 "match this data (delete its cache entry and segment again)")
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt + response tokens of both answers (what a forward pass over the pair processes)."""
+        return sum(len(s.prompt_ids) + len(s.response_ids) for s in (self.pair.chosen, self.pair.rejected))
+
+
+def segment_pairs(config: MegasegConfig, pairs: Sequence[TokenizedPair],
+                  parallel_ctx: ParallelContext) -> list[SegmentedPair]:
+    """SegmentedPairs for `pairs` under config.segmentation (collective: every rank calls it, all get all pairs)."""
+    from megaseg.segmentation import segment_ends_for
+
+    segmented = segment_ends_for(config, list(pairs), parallel_ctx)
+    if segmented.num_pairs != len(pairs):
+        raise ValueError(f"the segmentation returned ends for {segmented.num_pairs} pairs, not {len(pairs)}; its "
+                         f"cache entry {segmented.cache_entry} belongs to other data: delete it and segment again")
+    result = []
+    for index, pair in enumerate(pairs):
+        chosen, rejected = segmented.ends_for_pair(index)
+        result.append(SegmentedPair(pair, tuple(int(p) for p in chosen), tuple(int(p) for p in rejected)))
+    return result
 
 
 @dataclass(frozen=True)
@@ -43,7 +88,7 @@ class RewardModelData:
         return "\n".join(lines)
 
 
-def load_reward_model_data(config: MegasegConfig, parallel_ctx) -> RewardModelData:
+def load_reward_model_data(config: MegasegConfig, parallel_ctx: ParallelContext) -> RewardModelData:
     """Every rank loads the same splits (small next to the model) and the same segment ends."""
     if config.model.tokenizer is None:
         raise ValueError("model.tokenizer is not set; point it at the model's tokenizer directory or GGUF file "

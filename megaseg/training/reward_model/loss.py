@@ -9,10 +9,8 @@ combine by addition (one all-reduce) and every mean is taken once, over the whol
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from megaseg.algorithms.aggregation import aggregate_segment_rewards, bradley_terry_loss
 from megaseg.algorithms.segments import num_segments
@@ -29,24 +27,26 @@ def pair_scores(values: torch.Tensor, batch: RewardMicroBatch, aggregation: str)
     return scores[:batch.num_pairs], scores[batch.num_pairs:]
 
 
-def pair_statistics(chosen: torch.Tensor, rejected: torch.Tensor, batch: RewardMicroBatch) -> torch.Tensor:
-    """[len(STAT_NAMES)] float64 sums over this micro-batch's pairs (no gradient)."""
+def pair_statistics(chosen: torch.Tensor, rejected: torch.Tensor, *, num_segments: float, num_segment_tokens: float,
+                    num_tokens: float) -> torch.Tensor:
+    """[len(STAT_NAMES)] float64 sums over pairs with sequence rewards ``chosen`` / ``rejected`` [P] (no gradient);
+    the counts are over both answers of every pair."""
     with torch.no_grad():
-        chosen, rejected = chosen.detach().double(), rejected.detach().double()
-        loss_sum = -torch.nn.functional.logsigmoid(chosen - rejected).sum()
-        # Tokens inside segments (EOS outside the last segment in entropy/token modes is not counted).
-        covered = batch.response_mask & (batch.segment_ends.long().flip(1).cumsum(1).flip(1) > 0)
-        return torch.stack([
-            loss_sum,
-            torch.tensor(float(batch.num_pairs), dtype=torch.float64),
-            (chosen > rejected).double().sum(),
-            chosen.sum(),
-            rejected.sum(),
-            num_segments(batch.segment_ends).double().sum(),
-            covered.double().sum(),
-            torch.tensor(2.0 * batch.num_pairs, dtype=torch.float64),
-            torch.tensor(float(batch.num_tokens), dtype=torch.float64),
-        ])
+        chosen, rejected = chosen.detach().double().cpu(), rejected.detach().double().cpu()
+        named = {"loss_sum": -torch.nn.functional.logsigmoid(chosen - rejected).sum(),
+                 "num_pairs": float(chosen.numel()), "num_correct": (chosen > rejected).double().sum(),
+                 "chosen_reward_sum": chosen.sum(), "rejected_reward_sum": rejected.sum(),
+                 "num_segments": num_segments, "num_segment_tokens": num_segment_tokens,
+                 "num_responses": 2.0 * chosen.numel(), "num_tokens": num_tokens}
+        return torch.tensor([float(named[name]) for name in STAT_NAMES], dtype=torch.float64)
+
+
+def batch_statistics(chosen: torch.Tensor, rejected: torch.Tensor, batch: RewardMicroBatch) -> torch.Tensor:
+    """``pair_statistics`` of one micro-batch."""
+    # Tokens inside segments (EOS outside the last segment in entropy/token modes is not counted).
+    covered = batch.response_mask & (batch.segment_ends.long().flip(1).cumsum(1).flip(1) > 0)
+    return pair_statistics(chosen, rejected, num_segments=float(num_segments(batch.segment_ends).sum()),
+                           num_segment_tokens=float(covered.sum()), num_tokens=float(batch.num_tokens))
 
 
 def segment_preference_loss(values: torch.Tensor, batch: RewardMicroBatch,
@@ -55,21 +55,11 @@ def segment_preference_loss(values: torch.Tensor, batch: RewardMicroBatch,
     micro-batches, in place: the statistics are computed from separate tensors)."""
     chosen, rejected = pair_scores(values, batch, aggregation)
     loss = bradley_terry_loss(chosen, rejected)
-    return loss, {"stats": pair_statistics(chosen, rejected, batch)}
+    return loss, {"stats": batch_statistics(chosen, rejected, batch)}
 
 
 def zero_statistics() -> torch.Tensor:
     return torch.zeros(len(STAT_NAMES), dtype=torch.float64)
-
-
-def all_reduce_statistics(local: torch.Tensor, num_duplicates: int, group: Optional[object] = None) -> torch.Tensor:
-    """Sum statistics over all ranks of `group` (default: the world). Only last-pipeline-stage ranks hold non-zero
-    statistics, and the `num_duplicates` = tp x cp ranks of one data-parallel replica hold identical ones: the sum is
-    divided by that count."""
-    total = local.clone()
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-    return total / num_duplicates
 
 
 @dataclass(frozen=True)

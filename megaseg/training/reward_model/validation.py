@@ -1,45 +1,58 @@
 """Periodic validation inside `train-rm`: pair accuracy, loss, rewards and segment statistics on the eval split.
 
-Runs the live (DDP-wrapped) model forward-only: eval pairs are dealt round-robin over the data-parallel ranks, each
-micro-batch is its own pipeline pass (padded only to its own longest pair, since eval lengths vary a lot), and the
-summed statistics are all-reduced once at the end. For scoring a saved reward model on any file use
-`megaseg eval-rm` (megaseg.scoring.evaluate), which loads the checkpoint instead.
+Runs the live (DDP-wrapped) model forward-only through the one frozen-model runner (megaseg.models.inference):
+eval pairs are dealt round-robin over the data-parallel ranks, sequences go in length-sorted micro-batches, and the
+summed statistics are reduced once at the end. For scoring a saved reward model on any file use `megaseg eval-rm`
+(megaseg.scoring.evaluate), which loads the checkpoint instead.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 
 import torch
 
-from megaseg.models.pipeline import forward_only
-from megaseg.training.reward_model.batches import SegmentedPair, collate_step
-from megaseg.training.reward_model.loss import PairMetrics, all_reduce_statistics, pair_scores, pair_statistics, zero_statistics
+from megaseg.algorithms.aggregation import aggregate_segment_rewards
+from megaseg.models.inference import infer_sequences
+from megaseg.parallel.collectives import sum_over_replicas
+from megaseg.parallel.initialize import ParallelContext
+from megaseg.segmentation.cache import ends_mask_from_positions
+from megaseg.training.reward_model.data import SegmentedPair
+from megaseg.training.reward_model.loss import STAT_NAMES, PairMetrics, pair_statistics
 
 
-def _micro_batch_statistics(values: torch.Tensor, batch, aggregation: str) -> torch.Tensor:
-    chosen, rejected = pair_scores(values, batch, aggregation)
-    return pair_statistics(chosen, rejected, batch)
+def _row_scores_fn(row_ends: Sequence[tuple[int, ...]], aggregation: str):
+    def rows(values: torch.Tensor, micro_batch) -> list[float]:
+        ends = ends_mask_from_positions([row_ends[row] for row in micro_batch.rows], values.shape[1])
+        return aggregate_segment_rewards(values.detach().float(), ends, aggregation).tolist()
+
+    return rows
+
+
+def _statistics(pairs: Sequence[SegmentedPair], chosen: Sequence[float], rejected: Sequence[float]) -> torch.Tensor:
+    ends = [ends for item in pairs for ends in (item.chosen_ends, item.rejected_ends)]
+    prompts = [len(item.pair.chosen.prompt_ids) for item in pairs for _ in range(2)]
+    # Segments tile a response from its first token to its last end.
+    covered = sum(e[-1] + 1 - start for e, start in zip(ends, prompts))
+    return pair_statistics(torch.tensor(chosen), torch.tensor(rejected), num_segments=sum(len(e) for e in ends),
+                           num_segment_tokens=covered, num_tokens=sum(item.num_tokens for item in pairs))
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, pairs: Sequence[SegmentedPair], *, micro_batch_size: int, pad_id: int,
-             aggregation: str, parallel_ctx) -> PairMetrics:
+def validate(model: torch.nn.Module, pairs: Sequence[SegmentedPair], *, micro_batch_size: int, aggregation: str,
+             parallel_ctx: ParallelContext) -> PairMetrics:
     """Metrics over all of `pairs` (every rank passes the same list; each scores its data-parallel share)."""
     shard = list(pairs[parallel_ctx.dp_rank::parallel_ctx.dp_size])
-    # Sorting by length keeps similar lengths in one micro-batch (less padding); the order does not change sums.
-    shard.sort(key=lambda item: item.num_tokens)
-    local = zero_statistics()
+    sequences = [item.pair.chosen for item in shard] + [item.pair.rejected for item in shard]
+    row_ends = [item.chosen_ends for item in shard] + [item.rejected_ends for item in shard]
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(shard), micro_batch_size):
-            chunk = shard[start:start + micro_batch_size]
-            (batch,) = collate_step(chunk, len(chunk), pad_id)
-            outputs = forward_only(model, [batch], partial(_micro_batch_statistics, aggregation=aggregation))
-            for stats in outputs:  # empty except on the last pipeline stage
-                local += stats
+        scores = infer_sequences(model, sequences, micro_batch_size=micro_batch_size,
+                                 output_fn=_row_scores_fn(row_ends, aggregation),
+                                 is_last_stage=parallel_ctx.is_last_pipeline_stage)
     finally:
         model.train(was_training)
-    total = all_reduce_statistics(local, num_duplicates=parallel_ctx.tp_size * parallel_ctx.cp_size)
-    return PairMetrics.from_statistics(total)
+    local = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
+    if scores is not None and shard:  # the last pipeline stage holds the scores
+        local = _statistics(shard, scores[:len(shard)], scores[len(shard):])
+    return PairMetrics.from_statistics(sum_over_replicas(local, parallel_ctx))

@@ -60,7 +60,7 @@ def _train_top_layer_at_pp2(rank, world_size):
 
     parallel_cfg = ParallelConfig(pipeline_model_parallel_size=2)
     initialize_parallel(parallel_cfg, seed=3)
-    model = build_reward_model(ModelConfig(), parallel_cfg)
+    model = build_reward_model(ModelConfig(), parallel_cfg, seed=7)
     try:
         freeze_all_but_top_layers(model, 3)
         bad_value_error = None

@@ -35,12 +35,14 @@ def _pairs():
 def _step(rank, world_size, tp):
     from megaseg.models.gpt import build_gpt_model
     from megaseg.parallel import initialize_parallel
-    from megaseg.training.dpo.step import add_reference_log_probs, collate_step, dpo_loss_fn, dpo_train_step
-    from megaseg.training.ppo.experience_forward import policy_log_probs_and_entropy
+    from megaseg.checkpoint.step_dirs import TrainingProgress
     from megaseg.training.common.optimizer import setup_training
+    from megaseg.training.dpo.step import add_reference_log_probs, collate_step, dpo_loss_fn
+    from megaseg.training.dpo.trainer import DPOTrainer
+    from megaseg.training.ppo.experience import policy_log_probs_and_entropy
 
     config = tiny_config(f"parallel.tensor_model_parallel_size={tp}", "dpo.optimizer.lr=1e-2",
-                         "dpo.optimizer.warmup_ratio=0")
+                         "dpo.optimizer.warmup_ratio=0", "dpo.global_batch_size=4", "dpo.micro_batch_size=2")
     ctx = initialize_parallel(config.parallel, seed=17)
     policy, reference = build_gpt_model(config.model, config.parallel), build_gpt_model(config.model, config.parallel)
     reference.eval()
@@ -56,8 +58,10 @@ def _step(rank, world_size, tp):
                        response_mask=batch.response_mask, policy_logits=logits,
                        reference_logits=reference(batch.input_ids, batch.position_ids, None))
     setup = setup_training(policy, config.dpo.optimizer, total_steps=1)
-    out["metrics"] = dpo_train_step(setup, reference, pairs, beta=BETA, label_smoothing=0.0, micro_batch_size=2,
-                                    pad_token_id=PAD_ID, parallel_ctx=ctx)
+    trainer = DPOTrainer(config, ctx, policy=setup, reference=reference, train_pairs=pairs, eval_pairs=[],
+                         pad_token_id=PAD_ID, plan=DPOTrainer.plan(config, len(pairs), ctx.dp_size))
+    report, _ = trainer.train_one_step(TrainingProgress())
+    out["metrics"] = dict(report.train)
     probe = collate_step(pairs[:2], 2, PAD_ID, ctx.device)[0]
     from megaseg.data.batch import SequenceBatch
     attention = probe.input_ids != PAD_ID

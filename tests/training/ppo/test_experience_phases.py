@@ -26,9 +26,9 @@ SCALAR = dict(mean=0.3, std=1.7)
 KL_COEF = 0.05
 # name -> (config overrides, normalizer spec)
 CASES = {
-    "segment-regression-even": (["ppo.reward_granularity=segment"], "location"),
+    "segment-location-even": (["ppo.reward_granularity=segment"], "location"),
     "segment-global-repeat": (["ppo.interpolation=repeat", "normalizer.kind=global"], "global"),
-    "segment-last-none-clipped": (["ppo.interpolation=none", "normalizer.kind=last", "ppo.reward_clip=0.1"], "last"),
+    "segment-last-none-clipped": (["ppo.interpolation=none", "normalizer.kind=last_segment", "ppo.reward_clip=0.1"], "last"),
     "segment-none-even": (["normalizer.kind=none"], "none"),
     "token": (["ppo.reward_granularity=token", "segmentation.mode=token", "normalizer.kind=none"], "none"),
     "sentence": (["ppo.reward_granularity=sentence", "segmentation.mode=sentence"], "location"),
@@ -79,14 +79,15 @@ def _run_cases(rank, world_size):
     from megaseg.models.scalar_head import build_critic, build_reward_model
     from megaseg.parallel import initialize_parallel
     from megaseg.training.ppo.experience import ExperienceSources, make_experience
-    from megaseg.training.ppo.experience_forward import RewardModelScorer
+    from megaseg.training.ppo.experience import RewardModelScorer
     from megaseg.training.common.metrics import PhaseTimer
     from megaseg.training.ppo.reward_plan import resolve_reward_plan
 
     base = tiny_config()
     ctx = initialize_parallel(base.parallel, seed=21)
     actor, reference = build_gpt_model(base.model, base.parallel), build_gpt_model(base.model, base.parallel)
-    critic, reward_model = build_critic(base.model, base.parallel), build_reward_model(base.model, base.parallel)
+    critic = build_critic(base.model, base.parallel, seed=base.seed)
+    reward_model = build_reward_model(base.model, base.parallel, seed=base.seed + 1)
     for model in (actor, reference, critic, reward_model):
         model.eval()
     rollout = _rollout()
@@ -174,7 +175,7 @@ def test_every_phase_matches_the_per_sequence_reference(computed, name):
 
 def test_the_cases_exercise_what_they_claim(computed):
     rollout, dense, cutoff, results = computed
-    ends = results["segment-regression-even"]["segment_ends"]
+    ends = results["segment-location-even"]["segment_ends"]
     # Entropy segments: more than one segment on the long row, EOS never an end except on the EOS-only row.
     assert int(ends[3].sum()) > 1
     assert not (ends & rollout.eos_mask)[[0, 1, 3]].any() and bool((ends & rollout.eos_mask)[2].any())

@@ -11,7 +11,7 @@ import pytest
 
 from megaseg.parallel.spawn import run_distributed
 
-from ppo_test_setup import build_tiny_run, random_prompts, tiny_config
+from ppo_test_setup import build_tiny_run, random_prompts, run_ppo_steps, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -23,18 +23,10 @@ OVERRIDES = ("ppo.reward_granularity=ngram", "segmentation.mode=ngram", "segment
 
 def _train(rank, world_size):
     from megaseg.parallel import initialize_parallel
-    from megaseg.training.common.metrics import PhaseTimer
-    from megaseg.training.ppo.checkpointing import PPOState
-    from megaseg.training.ppo.step import ppo_step
 
     config = tiny_config(*OVERRIDES)
     ctx = initialize_parallel(config.parallel, config.seed)
-    run = build_tiny_run(config, ctx, prompts=random_prompts(64))
-    state, history = PPOState(), []
-    for _ in range(NUM_STEPS):
-        result = ppo_step(run, state, PhaseTimer())
-        state = result.state
-        history.append(result.metrics)
+    history, _ = run_ppo_steps(build_tiny_run(config, ctx, prompts=random_prompts(64)), NUM_STEPS)
     return history
 
 

@@ -15,7 +15,7 @@ import torch
 
 from megaseg.parallel.spawn import run_distributed
 
-from ppo_test_setup import EOS_ID, PAD_ID, build_tiny_models, build_tiny_run, tiny_config
+from ppo_test_setup import EOS_ID, PAD_ID, build_tiny_models, build_tiny_run, run_ppo_steps, tiny_config
 
 pytestmark = pytest.mark.distributed
 
@@ -40,83 +40,72 @@ def _probe_batch():
 
 
 def _probe(run) -> dict:
-    from megaseg.training.ppo.experience_forward import critic_values, policy_log_probs_and_entropy
+    from megaseg.training.ppo.experience import critic_values, policy_log_probs_and_entropy
 
     probe = _probe_batch()
-    return {"log_probs": policy_log_probs_and_entropy(run.actor.model, probe, run.parallel_ctx,
-                                                      micro_batch_size=2).log_probs,
-            "values": critic_values(run.critic.model, probe, run.parallel_ctx, micro_batch_size=2)}
+    return {"log_probs": policy_log_probs_and_entropy(run.actor.model, probe, run.ctx, micro_batch_size=2).log_probs,
+            "values": critic_values(run.critic.model, probe, run.ctx, micro_batch_size=2)}
 
 
-def _record(result) -> dict:
-    return {"metrics": result.metrics, "kl_coef_after": result.state.kl_coef,
-            "input_ids": result.experience.sequences.input_ids,
-            "advantages": result.experience.advantages, "token_rewards": result.experience.token_rewards}
+def _step(run, progress=None) -> tuple[dict, object]:
+    """One step of ``run``: its record (metrics, KL coefficient after it, rollouts, rewards, the updated models on
+    the probe batch) and the progress after it."""
+    (metrics,), progress = run_ppo_steps(run, 1, progress)
+    experience = run.last_experience
+    return {"metrics": metrics, "kl_coef_after": run.kl_controller.value,
+            "input_ids": experience.sequences.input_ids, "advantages": experience.advantages,
+            "token_rewards": experience.token_rewards, "probe": _probe(run)}, progress
 
 
 def _models_from(config, init_dir: str):
-    from megaseg.conversion.megatron_checkpoint import load_model_checkpoint
+    from megaseg.checkpoint.step_dirs import load_model_state
 
     models = build_tiny_models(config)
-    load_model_checkpoint(models.actor, Path(init_dir) / "actor")
-    load_model_checkpoint(models.reference, Path(init_dir) / "actor")
-    load_model_checkpoint(models.critic, Path(init_dir) / "critic")
+    for model, name in ((models.actor, "actor"), (models.reference, "actor"), (models.critic, "critic")):
+        load_model_state(Path(init_dir) / name, model=model, model_cfg=config.model)
     return models
 
 
 def _baseline(rank, world_size, out_dir, init_dir):
-    from megaseg.conversion.megatron_checkpoint import save_model_checkpoint
+    from megaseg.checkpoint.step_dirs import save_model_state
     from megaseg.parallel import initialize_parallel
-    from megaseg.training.common.metrics import PhaseTimer
-    from megaseg.training.ppo.trainer import save
-    from megaseg.training.ppo.checkpointing import PPOState
-    from megaseg.training.ppo.step import ppo_step
 
     config = _config(out_dir)
     ctx = initialize_parallel(config.parallel, config.seed)
     models = build_tiny_models(config)
-    save_model_checkpoint(models.actor, Path(init_dir) / "actor")
-    save_model_checkpoint(models.critic, Path(init_dir) / "critic")
+    save_model_state(Path(init_dir) / "actor", model=models.actor, model_cfg=config.model)
+    save_model_state(Path(init_dir) / "critic", model=models.critic, model_cfg=config.model)
     run = build_tiny_run(config, ctx, models=models)
-    first = ppo_step(run, PPOState(), PhaseTimer())
-    steps = [dict(_record(first), probe=_probe(run))]
-    save(run, first.state)
-    second = ppo_step(run, first.state, PhaseTimer())
-    steps.append(dict(_record(second), probe=_probe(run)))
-    return steps
+    first, progress = _step(run)
+    run.save(progress)
+    second, _ = _step(run, progress)
+    return [first, second]
 
 
 def _one_step(rank, world_size, out_dir, init_dir, tp, pp):
     from megaseg.parallel import initialize_parallel
-    from megaseg.training.common.metrics import PhaseTimer
-    from megaseg.training.ppo.checkpointing import PPOState
-    from megaseg.training.ppo.step import ppo_step
 
     config = _config(out_dir, tp, pp)
     ctx = initialize_parallel(config.parallel, config.seed)
-    run = build_tiny_run(config, ctx, models=_models_from(config, init_dir))
-    result = ppo_step(run, PPOState(), PhaseTimer())
-    return dict(_record(result), probe=_probe(run))
+    record, _ = _step(build_tiny_run(config, ctx, models=_models_from(config, init_dir)))
+    return record
 
 
 def _resumed_step(rank, world_size, out_dir, init_dir):
+    from megaseg.checkpoint.step_dirs import load_model_state
     from megaseg.parallel import initialize_parallel
-    from megaseg.training.common.metrics import PhaseTimer
-    from megaseg.training.ppo.trainer import resume
-    from megaseg.training.ppo.step import ppo_step
 
     config = _config(out_dir)
     ctx = initialize_parallel(config.parallel, config.seed + 1)  # a different seed: the checkpoint's RNG must win
     # The frozen reference is the SFT model, which a real run reloads from model.checkpoint (it is not trained, so
     # PPO checkpoints do not hold it); actor and critic start elsewhere and must come back from the checkpoint.
     models = build_tiny_models(config)
-    from megaseg.conversion.megatron_checkpoint import load_model_checkpoint
-    load_model_checkpoint(models.reference, Path(init_dir) / "actor")
+    load_model_state(Path(init_dir) / "actor", model=models.reference, model_cfg=config.model)
     run = build_tiny_run(config, ctx, models=models)
-    state = resume(run)
-    assert state.step == 1
-    result = ppo_step(run, state, PhaseTimer())
-    return dict(_record(result), probe=_probe(run), kl_coef_restored=result.metrics["kl_coef"])
+    progress = run.resume()
+    assert progress.step == 1
+    record, _ = _step(run, progress)
+    return dict(record, kl_coef_restored=record["metrics"]["kl_coef"])
 
 
 @pytest.fixture(scope="module")
@@ -165,18 +154,13 @@ def test_resume_continues_exactly(baseline):
 
 def _data_parallel_step(rank, world_size, out_dir, init_dir):
     from megaseg.parallel import initialize_parallel
-    from megaseg.training.common.metrics import PhaseTimer
-    from megaseg.training.ppo.checkpointing import PPOState
-    from megaseg.training.ppo.step import ppo_step
 
     config = _config(out_dir)
     ctx = initialize_parallel(config.parallel, config.seed)
     assert ctx.dp_size == 2
     run = build_tiny_run(config, ctx, models=_models_from(config, init_dir))
-    result = ppo_step(run, PPOState(), PhaseTimer())
-    experience = result.experience
-    return dict(_record(result), probe=_probe(run), prompt_ids=result.prompt_ids,
-                actions=experience.action_mask)
+    record, _ = _step(run)
+    return dict(record, prompt_ids=run.last_prompt_ids, actions=run.last_experience.action_mask)
 
 
 @pytest.mark.slow

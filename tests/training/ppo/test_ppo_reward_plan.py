@@ -10,7 +10,7 @@ import pytest
 from megaseg.algorithms.normalizer import GlobalNormalizer, LocationNormalizer
 from megaseg.training.ppo.reward_plan import (
     check_reward_model,
-    load_matching_normalizer,
+    load_plan_normalizer,
     resolve_reward_plan,
 )
 
@@ -37,7 +37,7 @@ def test_segment_plan_and_matching_normalizer_loads(tmp_path):
     check_reward_model(plan, rm_config, "rm")
     _location(model="tiny-llama", c_ent=2.0, aggregation="mean", segmentation="entropy").save(
         tmp_path / "normalizer.json")
-    normalizer = load_matching_normalizer(plan, config, rm_config, tmp_path)
+    normalizer = load_plan_normalizer(plan, config, rm_config, tmp_path)
     assert normalizer.kind == "location"
 
 
@@ -46,9 +46,9 @@ def test_missing_normalizer_names_the_command(tmp_path):
     rm_config = _rm_config("segmentation.entropy_cutoff=1.75", "data.train_path=/data/prefs.jsonl")
     plan = resolve_reward_plan(config)
     with pytest.raises(ValueError) as error:
-        load_matching_normalizer(plan, config, rm_config, tmp_path)
+        load_plan_normalizer(plan, config, rm_config, tmp_path)
     message = str(error.value)
-    assert f"megaseg fit-normalizer --ckpt {tmp_path} --data /data/prefs.jsonl normalizer.kind=regression" in message
+    assert f"megaseg fit-normalizer --ckpt {tmp_path} --data /data/prefs.jsonl normalizer.kind=location" in message
     assert "does not exist" in message
 
 
@@ -57,7 +57,7 @@ def test_custom_path_command_writes_there(tmp_path):
     config = tiny_config("normalizer.kind=global", f"normalizer.path={path}")
     plan = resolve_reward_plan(config)
     with pytest.raises(ValueError, match=rf"normalizer.kind=global normalizer.path={path}$"):
-        load_matching_normalizer(plan, config, _rm_config(), tmp_path)
+        load_plan_normalizer(plan, config, _rm_config(), tmp_path)
 
 
 @pytest.mark.parametrize("saved,needed", [
@@ -69,7 +69,7 @@ def test_mismatched_normalizer_is_refused(tmp_path, saved, needed):
     config = tiny_config("segmentation.entropy_cutoff=2.0")
     _location(model="tiny-llama", **saved).save(tmp_path / "normalizer.json")
     with pytest.raises(ValueError, match=f"(?s)calibrated for other settings.*{needed}.*megaseg fit-normalizer"):
-        load_matching_normalizer(resolve_reward_plan(config), config, _rm_config("segmentation.entropy_cutoff=2.0"),
+        load_plan_normalizer(resolve_reward_plan(config), config, _rm_config("segmentation.entropy_cutoff=2.0"),
                                  tmp_path)
 
 
@@ -81,10 +81,10 @@ def test_ngram_normalizer_must_match_n(tmp_path):
     _location(model="tiny-llama", c_ent=None, aggregation="mean", segmentation="ngram-2").save(
         tmp_path / "normalizer.json")
     with pytest.raises(ValueError, match="segmentation: file has 'ngram-2', run needs 'ngram-5'"):
-        load_matching_normalizer(plan, config, rm_config, tmp_path)
+        load_plan_normalizer(plan, config, rm_config, tmp_path)
     _location(model="tiny-llama", c_ent=None, aggregation="mean", segmentation="ngram-5").save(
         tmp_path / "normalizer.json")
-    assert load_matching_normalizer(plan, config, rm_config, tmp_path).segmentation == "ngram-5"
+    assert load_plan_normalizer(plan, config, rm_config, tmp_path).segmentation == "ngram-5"
 
 
 def test_wrong_kind_and_bad_json_are_refused(tmp_path):
@@ -92,16 +92,16 @@ def test_wrong_kind_and_bad_json_are_refused(tmp_path):
     GlobalNormalizer(mean=0.0, std=1.0, model="tiny-llama", c_ent=2.0, aggregation="mean",
                      segmentation="entropy").save(tmp_path / "normalizer.json")
     plan = resolve_reward_plan(config)
-    with pytest.raises(ValueError, match="holds a 'global' normalizer, but normalizer.kind='regression'"):
-        load_matching_normalizer(plan, config, _rm_config("segmentation.entropy_cutoff=2.0"), tmp_path)
+    with pytest.raises(ValueError, match="holds a 'global' normalizer, but normalizer.kind='location'"):
+        load_plan_normalizer(plan, config, _rm_config("segmentation.entropy_cutoff=2.0"), tmp_path)
     (tmp_path / "normalizer.json").write_text(json.dumps({"kind": "location"}))
     with pytest.raises(ValueError, match="not a valid normalizer"):
-        load_matching_normalizer(plan, config, _rm_config("segmentation.entropy_cutoff=2.0"), tmp_path)
+        load_plan_normalizer(plan, config, _rm_config("segmentation.entropy_cutoff=2.0"), tmp_path)
 
 
 def test_normalizer_kind_none_needs_no_file(tmp_path):
     config = tiny_config("normalizer.kind=none")
-    normalizer = load_matching_normalizer(resolve_reward_plan(config), config, _rm_config(), tmp_path)
+    normalizer = load_plan_normalizer(resolve_reward_plan(config), config, _rm_config(), tmp_path)
     assert normalizer.kind == "none"
 
 
@@ -110,7 +110,7 @@ def test_normalizer_kind_none_needs_no_file(tmp_path):
     (["ppo.reward_granularity=bandit", "segmentation.mode=bandit", "normalizer.kind=bandit"],
      "ppo.interpolation=none"),
     (["ppo.reward_granularity=bandit", "segmentation.mode=bandit", "ppo.interpolation=none"],
-     "normalizer.kind='regression' does not fit"),
+     "normalizer.kind='location' does not fit"),
     (["normalizer.kind=bandit"], "normalizer.kind='bandit' does not fit"),
     (["ppo.reward_granularity=token"], "segmentation.mode=token"),
 ])
@@ -137,3 +137,21 @@ def test_reward_model_must_fit_the_granularity():
                                             "segmentation.ngram_size=5"))
     with pytest.raises(ValueError, match="ngram_size"):
         check_reward_model(ngram, _rm_config("segmentation.mode=ngram", "segmentation.ngram_size=10"), "rm")
+
+
+def test_ppo_takes_the_reward_models_aggregation_and_refuses_a_conflicting_one():
+    from megaseg.config.loader import explicit_keys
+    from megaseg.training.ppo.setup import with_reward_model_aggregation
+
+    rm_config = _rm_config("rm.aggregation=sum")
+    # Not given: the run takes (and so saves) the reward model's aggregation, although its config holds "mean".
+    config = with_reward_model_aggregation(tiny_config(), rm_config, "rm", explicit_keys(None, []))
+    assert config.rm.aggregation == "sum"
+    # Given explicitly, even as the schema default: an error naming both values.
+    with pytest.raises(ValueError, match=r"rm.aggregation='mean' was set, but the reward model rm was trained with "
+                                         r"rm.aggregation='sum'"):
+        with_reward_model_aggregation(tiny_config("rm.aggregation=mean"), rm_config, "rm",
+                                      explicit_keys(None, ["rm.aggregation=mean"]))
+    agreeing = explicit_keys(None, ["rm.aggregation=sum"])
+    assert with_reward_model_aggregation(tiny_config("rm.aggregation=sum"), rm_config, "rm", agreeing).rm.aggregation \
+        == "sum"

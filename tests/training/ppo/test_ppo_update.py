@@ -8,7 +8,7 @@ import torch
 
 import ppo_reference as ref
 from megaseg.data.batch import SequenceBatch
-from megaseg.training.ppo.update import PPOMicroBatch, actor_loss_fn, critic_loss_fn, epoch_permutation
+from megaseg.training.ppo.update import PPOMicroBatch, TrainBatch, actor_loss_fn, critic_loss_fn, epoch_permutation
 
 
 def _micro_batch(generator: torch.Generator, rows: int = 3, width: int = 9) -> PPOMicroBatch:
@@ -22,11 +22,17 @@ def _micro_batch(generator: torch.Generator, rows: int = 3, width: int = 9) -> P
                          old_values=noise(), returns=noise())
 
 
+def _alone(batch: PPOMicroBatch) -> TrainBatch:
+    """The micro-batch as a whole train batch on one rank (its own counts: loss scale 1)."""
+    return TrainBatch(micro_batches=[batch], num_tokens=float(batch.action_mask.sum()),
+                      num_sequences=float(batch.input_ids.shape[0]), dp_size=1)
+
+
 def test_policy_loss_from_logits_matches_reference():
     generator = torch.Generator().manual_seed(0)
     batch = _micro_batch(generator)
     logits = torch.randn(3, 9, 50, generator=generator, dtype=torch.float32)
-    loss, metrics = actor_loss_fn(None, 0.2)(logits, batch)
+    loss, metrics = actor_loss_fn(None, 0.2, "token-mean", _alone(batch))(logits, batch)
     expected = []
     for row in range(3):
         actions = torch.nonzero(batch.action_mask[row]).flatten().tolist()
@@ -46,7 +52,7 @@ def test_value_loss_from_head_matches_reference():
     generator = torch.Generator().manual_seed(1)
     batch = _micro_batch(generator)
     head = torch.randn(3, 9, generator=generator)
-    loss, _ = critic_loss_fn(0.25)(head, batch)
+    loss, _ = critic_loss_fn(0.25, "token-mean", _alone(batch))(head, batch)
     total, count = 0.0, 0
     for row in range(3):
         actions = torch.nonzero(batch.action_mask[row]).flatten().tolist()
@@ -61,7 +67,7 @@ def test_policy_gradient_flows_to_the_logits_that_chose_the_actions():
     generator = torch.Generator().manual_seed(2)
     batch = _micro_batch(generator)
     logits = torch.randn(3, 9, 50, generator=generator, requires_grad=True)
-    loss, _ = actor_loss_fn(None, 0.2)(logits, batch)
+    loss, _ = actor_loss_fn(None, 0.2, "token-mean", _alone(batch))(logits, batch)
     loss.backward()
     used = torch.zeros(3, 9, dtype=torch.bool)
     used[:, :-1] = batch.action_mask[:, 1:]
@@ -87,8 +93,12 @@ def test_train_batches_cover_every_row_once_per_epoch():
               "normalized_rewards", "token_rewards", "kl", "rewards", "advantages", "returns")
     experience = Experience(sequences=sequences, action_mask=response, segment_ends=response, reward_ends=response,
                             **{name: zeros for name in floats})
-    steps = train_batches(experience, rows_per_step=4, micro_batch_size=2, num_epochs=2, seed=5, step=3)
+    batches = train_batches(experience, rows_per_step=4, micro_batch_size=2, num_epochs=2, seed=5, step=3,
+                            parallel_ctx=None)
+    steps = [batch.micro_batches for batch in batches]
     assert len(steps) == 4 and all(len(step) == 2 for step in steps)
+    for batch, step in zip(batches, steps):  # the token count of every train batch, for the loss reduction
+        assert batch.num_tokens == sum(float(mb.action_mask.sum()) for mb in step) and batch.num_sequences == 4
     for epoch in range(2):
         seen = sorted(int(mb.input_ids[i, 0]) for step in steps[2 * epoch:2 * epoch + 2] for mb in step
                       for i in range(2))
@@ -99,4 +109,5 @@ def test_train_batches_cover_every_row_once_per_epoch():
     assert torch.equal(epoch_permutation(8, 5, 3, 0), epoch_permutation(8, 5, 3, 0))
     assert not torch.equal(epoch_permutation(8, 5, 3, 0), epoch_permutation(8, 5, 3, 1))
     with pytest.raises(ValueError, match="train batches"):
-        train_batches(experience, rows_per_step=3, micro_batch_size=1, num_epochs=1, seed=0, step=0)
+        train_batches(experience, rows_per_step=3, micro_batch_size=1, num_epochs=1, seed=0, step=0,
+                      parallel_ctx=None)

@@ -41,19 +41,17 @@ def _normalizer_file(plan, rm_config, rm_dir: Path) -> None:
     import numpy as np
 
     from megaseg.algorithms.normalizer import (BanditNormalizer, GlobalNormalizer, LastSegmentNormalizer,
-                                               LocationNormalizer, segmentation_label)
-    from megaseg.training.ppo.reward_plan import NORMALIZER_FILE_KINDS
+                                               LocationNormalizer)
+    from megaseg.scoring.normalizer_file import normalizer_metadata
 
     if plan.normalizer_kind == "none":
         return
     rng = np.random.default_rng(1)
     p = np.concatenate([(np.arange(t) + 1) / t for t in rng.integers(1, 7, size=100)])
     r = 0.5 * np.log(p) + rng.normal(0.0, 1.0, p.size)
-    seg = plan.segmentation
-    metadata = dict(model=rm_config.model.name, c_ent=seg.entropy_cutoff if seg.mode == "entropy" else None,
-                    aggregation=plan.aggregation, segmentation=segmentation_label(seg.mode, seg.ngram_size))
+    metadata = normalizer_metadata(rm_config.model.name, plan.segmentation, plan.aggregation)
     cls = {"location": LocationNormalizer, "global": GlobalNormalizer, "last_segment": LastSegmentNormalizer,
-           "bandit": BanditNormalizer}[NORMALIZER_FILE_KINDS[plan.normalizer_kind]]
+           "bandit": BanditNormalizer}[plan.normalizer_kind]
     cls.fit(p, r, **metadata).save(rm_dir / "normalizer.json")
 
 
@@ -62,17 +60,14 @@ def _run_variants(rank, world_size, variants, work_dir):
 
     from megaseg.models.scalar_head import build_reward_model
     from megaseg.parallel import initialize_parallel
-    from megaseg.training.ppo.experience_forward import RewardModelScorer
-    from megaseg.training.common.metrics import PhaseTimer
-    from megaseg.training.ppo.checkpointing import PPOState
-    from megaseg.training.ppo.step import ppo_step
-    from megaseg.training.ppo.reward_plan import MODES, check_reward_model, load_matching_normalizer, resolve_reward_plan
+    from megaseg.training.ppo.experience import RewardModelScorer
+    from megaseg.training.ppo.reward_plan import MODES, check_reward_model, load_plan_normalizer, resolve_reward_plan
 
-    from ppo_test_setup import build_tiny_models, build_tiny_run
+    from ppo_test_setup import build_tiny_models, build_tiny_run, run_ppo_steps
 
     ctx = initialize_parallel(tiny_config().parallel, seed=3)
     small = tiny_config(*SMALL)
-    reward_model = build_reward_model(small.model, small.parallel)
+    reward_model = build_reward_model(small.model, small.parallel, seed=small.seed)
     results = {}
     for index, variant in enumerate(variants):
         config = tiny_config(*SMALL, *variant)
@@ -83,13 +78,14 @@ def _run_variants(rank, world_size, variants, work_dir):
         rm_dir = Path(work_dir) / f"rm{index}"
         rm_dir.mkdir()
         _normalizer_file(plan, rm_config, rm_dir)
-        normalizer = load_matching_normalizer(plan, config, rm_config, rm_dir)
+        normalizer = load_plan_normalizer(plan, config, rm_config, rm_dir)
         config = dataclasses.replace(config, normalizer=dataclasses.replace(config.normalizer, path=None))
         run = build_tiny_run(config, ctx, plan=plan, normalizer=normalizer, models=build_tiny_models(config),
                              scorer=RewardModelScorer(reward_model, ctx, micro_batch_size=2))
-        result = ppo_step(run, PPOState(), PhaseTimer())
-        results[variant] = (result.metrics, int(result.experience.reward_ends.sum()),
-                            int(result.experience.segment_ends.sum()), result.experience.batch_size)
+        (metrics,), _ = run_ppo_steps(run, 1)
+        experience = run.last_experience
+        results[variant] = (metrics, int(experience.reward_ends.sum()), int(experience.segment_ends.sum()),
+                            experience.batch_size)
     return results
 
 

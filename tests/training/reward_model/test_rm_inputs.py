@@ -6,10 +6,12 @@ import torch
 
 from megaseg.config import MegasegConfig, load_config, save_config
 from megaseg.data.encoding import TokenizedPair, TokenizedSequence
-from megaseg.training.reward_model.trainer import CHECKPOINTS_DIR, resume_if_possible
-from megaseg.training.reward_model.batches import SegmentedPair, collate_step, plan_batches
-from megaseg.training.reward_model.data import load_reward_model_data
-from megaseg.training.reward_model.loss import STAT_NAMES, PairMetrics, pair_statistics
+from megaseg.checkpoint.resume import CHECKPOINTS_DIR, resume_latest
+from megaseg.training.common.loop import plan_steps
+from megaseg.training.reward_model.batches import collate_step
+from megaseg.training.reward_model.data import SegmentedPair, load_reward_model_data
+from megaseg.training.reward_model.loss import STAT_NAMES, PairMetrics, batch_statistics
+from megaseg.training.reward_model.trainer import RewardModelTrainer
 
 
 def _pair(prompt_length: int, chosen_length: int, rejected_length: int, name: str = "p") -> TokenizedPair:
@@ -19,19 +21,23 @@ def _pair(prompt_length: int, chosen_length: int, rejected_length: int, name: st
                          rejected=TokenizedSequence(prompt, tuple(range(80, 80 + rejected_length)), False))
 
 
+def _plan(**sizes):
+    return plan_steps(section="rm", **sizes)
+
+
 def test_batch_plan_counts_whole_global_batches():
-    plan = plan_batches(num_pairs=103, global_batch_size=8, micro_batch_size=2, dp_size=2, epochs=3, max_steps=None)
+    plan = _plan(num_samples=103, global_batch_size=8, micro_batch_size=2, dp_size=2, epochs=3, max_steps=None)
     # 103 -> 102 usable over 2 ranks (drop_last) -> 12 full global batches per epoch.
-    assert (plan.steps_per_epoch, plan.total_steps, plan.pairs_per_rank, plan.num_micro_batches) == (12, 36, 4, 2)
-    assert plan_batches(num_pairs=103, global_batch_size=8, micro_batch_size=2, dp_size=2, epochs=3,
-                        max_steps=5).total_steps == 5
+    assert (plan.steps_per_epoch, plan.total_steps, plan.per_rank, plan.num_micro_batches) == (12, 36, 4, 2)
+    assert _plan(num_samples=103, global_batch_size=8, micro_batch_size=2, dp_size=2, epochs=3,
+                 max_steps=5).total_steps == 5
 
 
 def test_batch_plan_errors_name_the_settings():
-    with pytest.raises(ValueError, match=r"rm.global_batch_size=12 must be a multiple of .* 2 x rm.micro_batch_size=4"):
-        plan_batches(num_pairs=100, global_batch_size=12, micro_batch_size=4, dp_size=2, epochs=1, max_steps=None)
-    with pytest.raises(ValueError, match=r"7 pairs, fewer than one global batch \(rm.global_batch_size=8\)"):
-        plan_batches(num_pairs=7, global_batch_size=8, micro_batch_size=2, dp_size=1, epochs=1, max_steps=None)
+    with pytest.raises(ValueError, match=r"rm.global_batch_size=12 must be a multiple of .* 2 x micro-batch size 4"):
+        _plan(num_samples=100, global_batch_size=12, micro_batch_size=4, dp_size=2, epochs=1, max_steps=None)
+    with pytest.raises(ValueError, match=r"7 training pairs are fewer than one global batch \(rm.global_batch_size=8\)"):
+        _plan(num_samples=7, global_batch_size=8, micro_batch_size=2, dp_size=1, epochs=1, max_steps=None)
 
 
 def test_micro_batches_put_chosen_then_rejected_rows_and_mark_the_ends():
@@ -55,7 +61,7 @@ def test_segment_ends_outside_the_response_name_the_record():
 def test_statistics_are_sums_that_average_per_pair():
     (batch,) = collate_step([SegmentedPair(_pair(3, 4, 2), (4, 5), (4,)),
                              SegmentedPair(_pair(2, 5, 3), (5,), (2, 4))], micro_batch_size=2, pad_id=0)
-    stats = pair_statistics(torch.tensor([1.0, -1.0]), torch.tensor([0.0, 0.5]), batch)
+    stats = batch_statistics(torch.tensor([1.0, -1.0]), torch.tensor([0.0, 0.5]), batch)
     named = dict(zip(STAT_NAMES, stats.tolist()))
     assert named["num_segments"] == 6 and named["num_segment_tokens"] == 3 + 4 + 2 + 3
     metrics = PairMetrics.from_statistics(stats)
@@ -66,11 +72,11 @@ def test_statistics_are_sums_that_average_per_pair():
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     config = load_config(None, [f"logging.out_dir={tmp_path}", "rm.global_batch_size=16"])
     step_dir = tmp_path / CHECKPOINTS_DIR / "step_000002"
-    (step_dir / "state").mkdir(parents=True)
+    step_dir.mkdir(parents=True)
     save_config(dataclasses.replace(config, rm=dataclasses.replace(config.rm, global_batch_size=32)), step_dir)
     with pytest.raises(ValueError, match=r"cannot resume from .*step_000002: rm.global_batch_size: checkpoint 32, "
                                          r"now 16.*checkpoint.resume=false"):
-        resume_if_possible(config, setup=None, sampler=None)
+        resume_latest(config, sections=RewardModelTrainer.config_sections, models={})
 
 
 def test_missing_tokenizer_is_named():

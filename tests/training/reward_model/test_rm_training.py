@@ -34,14 +34,13 @@ def _first_step_against_hand_computation(rank, world_size, config):
     from megaseg.data.sampler import ResumableShardedSampler
     from megaseg.models.scalar_head import build_reward_model
     from megaseg.parallel import destroy_parallel, initialize_parallel
-    from megaseg.training.reward_model.trainer import initialize_head, run_reward_model_training
+    from megaseg.training.reward_model.trainer import RewardModelTrainer
     from megaseg.checkpoint.reward_model_dir import load_reward_model
     from megaseg.training.reward_model.data import load_reward_model_data
 
     # The same seed gives the trainer's model the same initial weights (CPU init draws from the seeded generator).
     ctx = initialize_parallel(config.parallel, config.seed)
-    initial = build_reward_model(config.model, config.parallel)
-    initialize_head(initial, config.seed)
+    initial = build_reward_model(config.model, config.parallel, seed=config.seed)
     data = load_reward_model_data(config, ctx)
     order = ResumableShardedSampler(len(data.train), seed=config.seed, dp_rank=0, dp_size=1).global_order(0)
     first_batch = [data.train[index].pair for index in order[:config.rm.global_batch_size]]
@@ -51,8 +50,8 @@ def _first_step_against_hand_computation(rank, world_size, config):
     destroy_parallel()
 
     ctx = initialize_parallel(config.parallel, config.seed)
-    result = run_reward_model_training(config, ctx)
-    trained, _ = load_reward_model(result.reward_model, ctx)
+    result = RewardModelTrainer.from_config(config, ctx).run()
+    trained, _ = load_reward_model(result.outputs["reward_model"], ctx)
     with torch.no_grad():
         eval_by_hand = [pair_loss_by_hand(trained, item.pair) for item in data.eval]
     hand_eval = (sum(loss.item() for loss, _ in eval_by_hand) / len(eval_by_hand),
@@ -72,14 +71,14 @@ def one_step_run(tokenizer_dir, tmp_path_factory):
 def test_first_loss_is_the_bradley_terry_loss_of_mean_segment_rewards(one_step_run):
     hand_loss, _, _, losses, result, _ = one_step_run
     assert losses == {1: pytest.approx(hand_loss, abs=1e-5)}
-    assert result.final_train.loss == pytest.approx(hand_loss, abs=1e-5)
+    assert result.last_metrics["loss"] == pytest.approx(hand_loss, abs=1e-5)
 
 
 def test_validation_metrics_equal_pair_by_pair_scoring(one_step_run):
     _, _, _, _, result, (hand_eval_loss, hand_eval_accuracy) = one_step_run
-    assert result.final_eval.num_pairs == 6
-    assert result.final_eval.loss == pytest.approx(hand_eval_loss, abs=1e-5)
-    assert result.final_eval.accuracy == hand_eval_accuracy
+    assert result.last_eval["num_pairs"] == 6
+    assert result.last_eval["loss"] == pytest.approx(hand_eval_loss, abs=1e-5)
+    assert result.last_eval["acc"] == hand_eval_accuracy
 
 
 def test_only_the_top_layers_and_head_change(one_step_run):
@@ -94,13 +93,13 @@ def test_only_the_top_layers_and_head_change(one_step_run):
 def _train_and_collect(rank, world_size, config):
     """The reward-model directory, and its parameters when this is a one-process run (else gathered later)."""
     from megaseg.parallel import initialize_parallel
-    from megaseg.training.reward_model.trainer import run_reward_model_training
     from megaseg.checkpoint.reward_model_dir import load_reward_model
+    from megaseg.training.reward_model.trainer import RewardModelTrainer
 
     ctx = initialize_parallel(config.parallel, config.seed)
-    result = run_reward_model_training(config, ctx)
-    params = _parameters(load_reward_model(result.reward_model, ctx)[0]) if world_size == 1 else None
-    return str(result.reward_model), params
+    rm_dir = RewardModelTrainer.from_config(config, ctx).run().outputs["reward_model"]
+    params = _parameters(load_reward_model(rm_dir, ctx)[0]) if world_size == 1 else None
+    return str(rm_dir), params
 
 
 def _load_parameters_at_tp1(rank, world_size, rm_dir):
@@ -129,6 +128,7 @@ def _save_sft_model(rank, world_size, model_cfg, ckpt_dir):
     from megaseg.parallel import initialize_parallel
 
     initialize_parallel(ParallelConfig(), seed=3)
+    model_cfg = dataclasses.replace(model_cfg, random_init=False)
     save_model_checkpoint(build_gpt_model(model_cfg, ParallelConfig()), Path(ckpt_dir))
 
 
@@ -172,19 +172,19 @@ def test_parallel_training_equals_one_process(layout, three_steps_at_tp1, tokeni
 
 def _train_and_die_after_checkpoint(rank, world_size, config, kill_at_step):
     """A train-rm run that is SIGKILLed right after writing its checkpoint of `kill_at_step` (no clean-up runs)."""
-    import megaseg.training.reward_model.trainer as rm_module
     from megaseg.parallel import initialize_parallel
+    from megaseg.training.reward_model.trainer import RewardModelTrainer
 
-    real_save = rm_module.save_checkpoint
+    real_save = RewardModelTrainer.save
 
-    def save_then_die(*args, progress, **kwargs):
-        path = real_save(*args, progress=progress, **kwargs)
+    def save_then_die(self, progress):
+        path = real_save(self, progress)
         if progress.step == kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
         return path
 
-    rm_module.save_checkpoint = save_then_die
-    rm_module.run_reward_model_training(config, initialize_parallel(config.parallel, config.seed))
+    RewardModelTrainer.save = save_then_die
+    RewardModelTrainer.from_config(config, initialize_parallel(config.parallel, config.seed)).run()
 
 
 @pytest.mark.slow

@@ -1,0 +1,221 @@
+"""The one trainer shape: build (from config, or from objects for tests) -> resume -> loop -> step as named, timed
+phases; the step planner and the epoch-tail rule every trainer shares.
+
+A trainer subclasses ``Trainer`` and provides the step (its phases timed with ``self.timer.phase(name)``), the
+models it trains (by role, for checkpoints) and optionally an evaluation and extra state to checkpoint. ``run``
+does the rest, identically for train-rm, train-ppo and train-dpo:
+
+    save the resolved config -> resume from the latest checkpoint (invariants checked) -> [evaluate at step 0]
+    -> per step: the next global batch (epoch tail skipped) -> step -> log (train/, time/, ...) -> evaluate every
+       `eval_every` -> checkpoint every `checkpoint.save_every`
+    -> final evaluation and checkpoint -> the trainer's result
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Optional
+
+from megaseg.checkpoint.resume import checkpoint_root, resume_latest
+from megaseg.checkpoint.step_dirs import TrainedModel, TrainingProgress, save_training_checkpoint
+from megaseg.config import MegasegConfig, save_config
+from megaseg.data.sampler import ResumableShardedSampler
+from megaseg.parallel.initialize import ParallelContext
+from megaseg.training.common.metrics import PhaseTimer, RunLogger
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How many samples each step, rank and micro-batch takes, and how many steps the run has."""
+
+    global_batch_size: int   # samples (pairs, prompts) per step, all data-parallel ranks together
+    micro_batch_size: int    # samples per forward pass
+    dp_size: int
+    steps_per_epoch: int
+    total_steps: int         # steps this run takes: the epochs', or fewer when max_steps stops it early
+    schedule_steps: int      # steps the LR schedule spans: always the epochs' (so max_steps may change on resume)
+
+    @property
+    def per_rank(self) -> int:
+        return self.global_batch_size // self.dp_size
+
+    @property
+    def num_micro_batches(self) -> int:
+        return self.per_rank // self.micro_batch_size
+
+
+def plan_steps(*, section: str, num_samples: int, global_batch_size: int, micro_batch_size: int, dp_size: int,
+               epochs: int, max_steps: Optional[int], batch_key: str = "global_batch_size",
+               epochs_key: str = "epochs", unit: str = "pairs") -> StepPlan:
+    """Check that the batch divides over ranks and micro-batches; schedule steps = epochs x whole global batches per
+    epoch (the sampler drops the ``num_samples % dp_size`` remainder and the epoch tail); total steps = those, or
+    max_steps when that is smaller (a stop point: it does not change the schedule of the steps that run).
+
+    ``section``/``batch_key``/``epochs_key`` name the config fields in error messages (e.g. ppo.rollout_batch_size).
+    """
+    if global_batch_size % (dp_size * micro_batch_size):
+        raise ValueError(
+            f"{section}.{batch_key}={global_batch_size} must be a multiple of data-parallel size {dp_size} x "
+            f"micro-batch size {micro_batch_size} = {dp_size * micro_batch_size}; change one of them")
+    steps_per_epoch = (num_samples - num_samples % dp_size) // global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{num_samples} training {unit} are fewer than one global batch ({section}.{batch_key}="
+                         f"{global_batch_size}); lower it or add data")
+    schedule_steps = steps_per_epoch * epochs
+    total_steps = schedule_steps if max_steps is None else min(schedule_steps, max_steps)
+    return StepPlan(global_batch_size, micro_batch_size, dp_size, steps_per_epoch, total_steps, schedule_steps)
+
+
+def rank_sampler(num_samples: int, config: MegasegConfig, parallel_ctx: ParallelContext) -> ResumableShardedSampler:
+    """This rank's share of a seeded, resumable order over the training samples."""
+    return ResumableShardedSampler(num_samples, seed=config.seed, dp_rank=parallel_ctx.dp_rank,
+                                   dp_size=parallel_ctx.dp_size, shuffle=config.data.shuffle, drop_last=True)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one step reports: ``train`` makes the progress line (and the train/ metrics); ``extra`` maps other
+    prefixes (ppo/, speed/) to their metrics."""
+
+    train: Mapping[str, float]
+    extra: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    messages: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished run did: steps, the last step's and the last evaluation's metrics, and the trainer's own
+    outputs (train-rm: the reward-model directory)."""
+
+    steps: int
+    last_metrics: Mapping[str, float]
+    last_eval: Optional[Mapping[str, float]]
+    outputs: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Trainer(abc.ABC):
+    """See the module docstring. Subclasses set ``config_sections`` (the settings a resume must share) and build
+    themselves, then ``run()``."""
+
+    config_sections: ClassVar[tuple[str, ...]] = ()
+    evaluates_at_start: ClassVar[bool] = False
+
+    def __init__(self, config: MegasegConfig, parallel_ctx: ParallelContext, *, plan: StepPlan,
+                 sampler: ResumableShardedSampler) -> None:
+        self.config, self.ctx, self.plan, self.sampler = config, parallel_ctx, plan, sampler
+        self.timer = PhaseTimer()
+        # Silent until run() opens the real one (a step called directly, as tests do, logs nothing).
+        self.logger = RunLogger(config.logging, plan.total_steps, is_main=False)
+
+    # --- what a trainer provides -----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def trained_models(self) -> Mapping[str, TrainedModel]:
+        """role -> model with its optimizer and schedule, as saved in every checkpoint."""
+
+    @abc.abstractmethod
+    def step(self, indices: list[int], progress: TrainingProgress) -> StepReport:
+        """One step on this rank's samples ``indices`` of the global batch (collective)."""
+
+    def evaluate(self, step: int) -> Optional[dict[str, float]]:
+        """Held-out metrics after ``step`` steps (collective), or None when the trainer has no evaluation."""
+        return None
+
+    @property
+    def eval_every(self) -> int:
+        return 0
+
+    @property
+    def evaluates_at_end(self) -> bool:
+        return True
+
+    def trainer_state(self) -> dict[str, Any]:
+        """JSON-like state beyond the models and the sampler that a resumed run needs (PPO: the KL coefficient)."""
+        return {}
+
+    def load_trainer_state(self, state: Mapping[str, Any]) -> None:
+        pass
+
+    def describe(self) -> str:
+        return ""
+
+    def finish(self, progress: TrainingProgress, result: RunResult) -> RunResult:
+        """After the last step and checkpoint: the trainer's final outputs (train-rm writes the reward model)."""
+        return result
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+
+    def train_one_step(self, progress: TrainingProgress) -> tuple[StepReport, TrainingProgress]:
+        """The next global batch (epoch tail skipped) -> ``step`` -> the progress after it (collective)."""
+        indices = self.sampler.next_global_batch(self.plan.global_batch_size)
+        report = self.step(indices, progress)
+        self.sampler.advance(self.plan.global_batch_size)
+        return report, TrainingProgress(
+            step=progress.step + 1, consumed_samples=progress.consumed_samples + self.plan.global_batch_size,
+            epoch=self.sampler.epoch, data_state={"sampler": self.sampler.state_dict(), **self.trainer_state()})
+
+    def resume(self) -> TrainingProgress:
+        loaded = resume_latest(self.config, sections=self.config_sections, models=self.trained_models())
+        if loaded is None:
+            return TrainingProgress()
+        self.sampler.load_state_dict(loaded.progress.data_state["sampler"])
+        self.load_trainer_state(loaded.progress.data_state)
+        return loaded.progress
+
+    def save(self, progress: TrainingProgress) -> Path:
+        with self.timer.phase("checkpoint"):
+            return save_training_checkpoint(checkpoint_root(self.config), models=self.trained_models(),
+                                            config=self.config, progress=progress,
+                                            keep_last=self.config.checkpoint.keep_last)
+
+    def _evaluate_and_log(self, step: int) -> Optional[dict[str, float]]:
+        with self.timer.phase("evaluate"):
+            metrics = self.evaluate(step)
+        if metrics is not None:
+            self.logger.log(step, metrics, prefix="eval")
+        return metrics
+
+    def _log(self, step: int, report: StepReport) -> None:
+        for text in report.messages:
+            self.logger.message(text)
+        for prefix, metrics in report.extra.items():
+            self.logger.log(step, metrics, prefix=prefix)
+        self.logger.log(step, self.timer.pop(), prefix="time")
+        self.logger.log(step, report.train, prefix="train")
+
+    def run(self) -> RunResult:
+        """The whole run on initialised process groups (every rank calls it)."""
+        config = self.config
+        if self.ctx.is_rank_zero:  # the inputs are validated by now (the trainer is built): nothing is half-written
+            save_config(config, Path(config.logging.out_dir))
+        with self.timer.phase("resume"):
+            progress = self.resume()
+        self.logger = RunLogger(config.logging, self.plan.total_steps, is_main=self.ctx.is_rank_zero,
+                                run_config=config, start_step=progress.step)
+        metrics: Mapping[str, float] = {}
+        last_eval = None
+        try:
+            self.logger.message(self.describe() + (f"; resumed at step {progress.step} ({progress.consumed_samples} "
+                                                   "samples consumed)" if progress.step else ""))
+            self.logger.log(progress.step, self.timer.pop(), prefix="time")
+            if self.evaluates_at_start and progress.step == 0:
+                last_eval = self._evaluate_and_log(0)
+            save_every, eval_every = config.checkpoint.save_every, self.eval_every
+            if progress.step == self.plan.total_steps and self.evaluates_at_end:  # resumed after the last step
+                last_eval = self._evaluate_and_log(progress.step)
+            while progress.step < self.plan.total_steps:
+                report, progress = self.train_one_step(progress)
+                metrics = report.train
+                self._log(progress.step, report)
+                last_step = progress.step == self.plan.total_steps
+                if (eval_every and progress.step % eval_every == 0) or (last_step and self.evaluates_at_end):
+                    last_eval = self._evaluate_and_log(progress.step)
+                if last_step or (save_every and progress.step % save_every == 0):
+                    self.save(progress)
+            result = self.finish(progress, RunResult(steps=progress.step, last_metrics=dict(metrics),
+                                                     last_eval=last_eval))
+        finally:
+            self.logger.close()
+        return result
+
