@@ -15,7 +15,6 @@ The last printed line is one JSON object with all figures.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -47,23 +46,25 @@ def run(args: argparse.Namespace) -> dict:
     from megaseg.config import load_config
     from megaseg.models.pipeline import forward_backward
     from megaseg.parallel import destroy_parallel, initialize_parallel
-    from megaseg.training.reward_model.trainer import build_training_setup
-    from megaseg.training.reward_model.batches import plan_batches
+    from megaseg.checkpoint.sft import load_sft_scalar_head_model
+    from megaseg.training.common.optimizer import setup_training
     from megaseg.training.reward_model.loss import segment_preference_loss
 
     overrides = [f"rm.train_top_layers={args.top_layers}" if args.top_layers else "rm.train_top_layers=null"]
     if args.model_yaml is None:
-        overrides.append("model.vocab_size=49152")
+        overrides += ["model.vocab_size=49152", "model.random_init=true"]
     config = load_config(args.model_yaml, overrides)
-    ctx = initialize_parallel(config.parallel, config.seed)
+    initialize_parallel(config.parallel, config.seed)
     try:
-        plan = plan_batches(num_pairs=args.pairs, global_batch_size=args.pairs, micro_batch_size=args.micro_batch,
-                            dp_size=1, epochs=1, max_steps=None)
+        if args.pairs % args.micro_batch:
+            raise SystemExit(f"--pairs {args.pairs} must be a multiple of --micro-batch {args.micro_batch}")
+        num_micro_batches = args.pairs // args.micro_batch
         # The LR schedule spans the warm-up step and the timed ones.
-        setup = build_training_setup(config, dataclasses.replace(plan, total_steps=args.steps + 1))
+        setup = setup_training(load_sft_scalar_head_model(config, "train-rm"), config.rm.optimizer, args.steps + 1,
+                               config.rm.train_top_layers)
         generator = torch.Generator().manual_seed(0)
         micro_batches = [_micro_batch(args.micro_batch, args.seq, config.model.vocab_size, generator)
-                         for _ in range(plan.num_micro_batches)]
+                         for _ in range(num_micro_batches)]
         loss_fn = partial(segment_preference_loss, aggregation="mean")
         times = []
         for _ in range(args.steps + 1):

@@ -67,16 +67,32 @@ def _resolve_model_config(ckpt_dir: Path, model_cfg: Optional[ModelConfig]) -> t
 
 
 def resolve_dist_checkpoint_dir(ckpt: Path) -> Path:
-    """The directory holding the dist checkpoint's metadata.json: `ckpt` itself (what hf-to-megatron writes), a
-    training step's `state/`, a reward model's `state/` (<run>/reward_model/state), or the `latest` step's."""
+    """The directory holding the dist checkpoint's metadata.json: `ckpt` itself (what hf-to-megatron writes, or a
+    step's `<step>/<role>`), a reward-model directory's `state/` (<run>/reward_model), a training step holding one
+    model (train-rm, train-dpo), or that step of a checkpoint root's `latest`. A step holding several models
+    (train-ppo's actor and critic) must be named with its role."""
+    from megaseg.checkpoint.step_dirs import CHECKPOINT_METADATA, LATEST_FILE, RNG_DIR
+
+    def model_dirs(step_dir: Path) -> list[Path]:
+        return sorted(path for path in step_dir.iterdir() if path.name != RNG_DIR and
+                      (path / CHECKPOINT_METADATA).is_file()) if step_dir.is_dir() else []
+
     candidates = [ckpt, ckpt / "state", ckpt / "reward_model" / "state"]
-    if (ckpt / "latest").is_file():
-        candidates.append(ckpt / (ckpt / "latest").read_text().strip() / "state")
+    steps = [ckpt]
+    if (ckpt / LATEST_FILE).is_file():
+        steps.append(ckpt / (ckpt / LATEST_FILE).read_text().strip())
     for candidate in candidates:
-        if (candidate / "metadata.json").is_file():
+        if (candidate / CHECKPOINT_METADATA).is_file():
             return candidate
-    raise ValueError(f"--ckpt {ckpt} is not a megatron dist checkpoint: no metadata.json in "
-                     f"{', '.join(str(c) for c in candidates)}")
+    for step in steps:
+        models = model_dirs(step)
+        if len(models) == 1:
+            return models[0]
+        if models:
+            raise ValueError(f"--ckpt {step} holds {len(models)} models ({', '.join(m.name for m in models)}): "
+                             f"name one, e.g. --ckpt {models[0]}")
+    raise ValueError(f"--ckpt {ckpt} is not a megatron dist checkpoint: no {CHECKPOINT_METADATA} in "
+                     f"{', '.join(str(c) for c in candidates)} nor in a training step's model directory")
 
 
 def _hf_metadata_dir(ckpt_dir: Path, model_cfg: ModelConfig) -> Optional[Path]:

@@ -81,6 +81,13 @@ def test_every_shipped_yaml_loads():
         load_config(path)
 
 
+def test_paper_recipes_reduce_the_ppo_loss_as_the_released_code():
+    recipes = sorted((REPO / "examples" / "paper").glob("*/*.yaml"))
+    assert recipes
+    for path in recipes:
+        assert load_config(path).ppo.loss_aggregation == "seq-mean-token-mean", path
+
+
 def test_cli_print_config_and_errors():
     run = lambda *a: subprocess.run([sys.executable, "-m", "megaseg.cli", *a], capture_output=True, text=True)
     printed = run("fit-normalizer", "--ckpt", "/some/rm", "--method", "ols", "--print-config", "seed=7")

@@ -132,3 +132,31 @@ def test_cli_reports_flag_mistakes_as_errors(tmp_path, capsys):
     assert main(["convert", "gguf-to-hf", "--gguf", str(tmp_path / "no_gguf"), "--out", str(tmp_path / "o")]) == 2
     assert "holding 0 .gguf files" in capsys.readouterr().err
     _assert_nothing_written(tmp_path / "o")
+
+
+def test_the_ckpt_argument_finds_the_model_of_every_layout_megaseg_writes(tmp_path):
+    from megaseg.conversion.megatron_to_hf import resolve_dist_checkpoint_dir
+
+    def model_dir(path):
+        path.mkdir(parents=True)
+        (path / "metadata.json").write_text("{}")
+        return path
+
+    rm_run = tmp_path / "rm_run"
+    rm_state = model_dir(rm_run / "reward_model" / "state")
+    assert resolve_dist_checkpoint_dir(rm_run) == rm_state
+    assert resolve_dist_checkpoint_dir(rm_run / "reward_model") == rm_state
+    dpo_root = tmp_path / "dpo" / "checkpoints"
+    policy = model_dir(dpo_root / "step_000003" / "policy")
+    model_dir(dpo_root / "step_000003" / "rng")
+    (dpo_root / "latest").write_text("step_000003\n")
+    assert resolve_dist_checkpoint_dir(dpo_root) == policy
+    assert resolve_dist_checkpoint_dir(dpo_root / "step_000003") == policy
+    ppo_step = tmp_path / "ppo" / "checkpoints" / "step_000002"
+    actor = model_dir(ppo_step / "actor")
+    model_dir(ppo_step / "critic")
+    with pytest.raises(ValueError, match=r"holds 2 models \(actor, critic\): name one"):
+        resolve_dist_checkpoint_dir(ppo_step)
+    assert resolve_dist_checkpoint_dir(actor) == actor
+    with pytest.raises(ValueError, match="is not a megatron dist checkpoint"):
+        resolve_dist_checkpoint_dir(tmp_path / "nothing")

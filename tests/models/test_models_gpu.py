@@ -4,6 +4,7 @@ default in pytest.ini); run with `pytest -m gpu tests/models`."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def _te_then_local(rank, world_size, root, fp8):
     from megaseg.models import build_reward_model
     from megaseg.models.backend import resolve_transformer_impl
     from megaseg.parallel import initialize_parallel
-    from megaseg.checkpoint.step_dirs import TrainingProgress, load_checkpoint, save_checkpoint
+    from megaseg.checkpoint.step_dirs import load_model_state, save_model_state
 
     # Exact fp32 GEMMs in both specs, so that the comparison measures the layer implementations only.
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -54,10 +55,10 @@ def _te_then_local(rank, world_size, root, fp8):
         with get_fp8_context(te_model.config):
             te_values = _values(te_model)
     # TE's extra state (FP8 scaling metadata) is unexpected for the local layers and skipped on load.
-    save_checkpoint(root, model=te_model, config=config, progress=TrainingProgress())
+    save_model_state(Path(root) / "state", model=te_model, model_cfg=config.model)
     local_cfg = dataclasses.replace(config.model, transformer_impl="local", fp8=None)
     local = build_reward_model(local_cfg, config.parallel, seed=7).cuda()
-    load_checkpoint(root, model=local, model_cfg=local_cfg, load_rng=False)
+    load_model_state(Path(root) / "state", model=local, model_cfg=local_cfg)
     return impl, _values(local), te_values
 
 
