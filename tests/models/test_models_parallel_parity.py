@@ -210,7 +210,7 @@ def test_single_process_matches_dense_torch(reference):
     after = reference["rm_after_step"]
     assert after.keys() == dense["params_after_step"].keys()
     for name, value in dense["params_after_step"].items():
-        torch.testing.assert_close(after[name], value, **TOLERANCE, msg=name)
+        torch.testing.assert_close(after[name], value, **TOLERANCE, msg=lambda details, name=name: f"{name}: {details}")
         assert not torch.equal(after[name], reference["rm_init"][name]), f"{name} did not move"
 
 
@@ -252,7 +252,7 @@ def test_one_optimizer_step_matches_single_process(reference, layouts, layout):
     after = _merged(results, "rm_after_step")
     assert after.keys() == reference["rm_after_step"].keys()
     for name, value in reference["rm_after_step"].items():
-        torch.testing.assert_close(after[name], value, **TOLERANCE, msg=name)
+        torch.testing.assert_close(after[name], value, **TOLERANCE, msg=lambda details, name=name: f"{name}: {details}")
     for result in results:
         assert result["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5)
     assert _global_loss(results) == pytest.approx(_global_loss([reference]), rel=1e-5)

@@ -96,7 +96,6 @@ def test_torchrun_env_two_ranks_tensor_parallel():
         assert (first["launcher"], first["backend"]) == ("torchrun", "gloo")
         assert first["tp"] == (2, rank) and first["pp"] == (1, 0) and first["dp"] == (1, 0) and first["cp"] == (1, 0)
         assert first["first_stage"] and first["last_stage"]
-        assert first["pg_collection_tp_size"] == 2
         assert first["sums"] == {"tp_group": 1.0, "pp_group": rank, "dp_group": rank, "cp_group": rank}
     # The default generator is seeded identically on the tensor-parallel ranks (megatron's data-parallel seed).
     assert results[0][0]["random"] == results[1][0]["random"]

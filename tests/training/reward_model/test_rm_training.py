@@ -165,9 +165,14 @@ def test_parallel_training_equals_one_process(layout, three_steps_at_tp1, tokeni
     assert params.keys() == expected_params.keys()
     for name, value in params.items():
         # Adam's m / sqrt(v) amplifies the ~1e-7 relative rounding differences of a reordered reduction where
-        # successive gradients of an entry nearly cancel: seen up to 1.2% of one update (1.2e-4 at lr 1e-2), most
-        # entries within 0.2%. Adam is blind to a gradient's scale: the grad-norm curve above checks that.
-        torch.testing.assert_close(value, expected_params[name], rtol=0, atol=5e-2 * LR, msg=name)
+        # successive gradients of an entry nearly cancel: most entries agree within 0.2% of one update, but an entry
+        # whose gradient is pure rounding noise may move by up to a whole Adam step (~lr) in either run (seen: 1 of
+        # 3.1M embedding entries, 0.66 lr). So: all but one entry in a million within 5% of an update, and none
+        # further than the 3 steps' Adam bound. The loss and grad-norm curves above check the gradients themselves.
+        difference = (value - expected_params[name]).abs()
+        outliers = int((difference > 5e-2 * LR).sum())
+        assert outliers <= max(1, value.numel() // 1_000_000), (name, outliers, float(difference.max()))
+        assert float(difference.max()) <= 3 * LR, (name, float(difference.max()))
 
 
 def _train_and_die_after_checkpoint(rank, world_size, config, kill_at_step):
