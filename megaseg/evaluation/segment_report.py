@@ -135,7 +135,7 @@ h1 { font-size: 1.3em; } h2 { font-size: 1.05em; margin: 0 0 .4em 0; }
 .pair { display: grid; grid-template-columns: repeat(auto-fit, minmax(320px, 1fr)); gap: 1em; margin-top: .6em; }
 .response h3 { font-size: .95em; margin: .2em 0; }
 .text { white-space: pre-wrap; line-height: 1.7; font-family: monospace; font-size: .9em; }
-.seg { border-radius: 3px; padding: 1px 0; outline: 1px solid rgba(0,0,0,.08); background: var(--c-raw); }
+.seg { border-radius: 3px; padding: 1px 0; box-shadow: inset -1px 0 0 rgba(0,0,0,.35); background: var(--c-raw); }
 body.mode-normalized .seg { background: var(--c-normalized, var(--c-raw)); }
 .seg:hover { outline: 2px solid #000; }
 .unscored { color: #999; }
