@@ -162,6 +162,7 @@ def test_mt_bench_answers_equal_the_reference_and_fastchat_reads_them(work, tmp_
         assert len(answers["tiny"][question["question_id"]]["choices"][0]["turns"]) == len(question["turns"]) == 2
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_file(work, tmp_path):
     uninterrupted = tmp_path / "full"
     result = _run(*_mt_bench_args(work, uninterrupted))
@@ -198,6 +199,7 @@ def test_killed_run_resumes_to_the_same_file(work, tmp_path):
     assert result.returncode == 2 and "holds answers generated with other settings (settings)" in result.stderr
 
 
+@pytest.mark.slow
 def test_alpaca_eval_and_arena_hard_files(work, tmp_path):
     tokenizer_dir = (work / "tokenizer").read_text()
     instructions = ["Name three primary colours.", "What is 2 + 2?", "Write a haiku about autumn leaves."]
