@@ -135,11 +135,17 @@ def _without_tstamp(path: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k != "tstamp"} for line in path.read_text().splitlines()]
 
 
-def test_mt_bench_answers_equal_the_reference_and_fastchat_reads_them(work, tmp_path):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def mt_bench_run(work, tmp_path_factory) -> tuple[Path, dict]:
+    """One uninterrupted single-process MT-Bench run: (its out dir, its summary)."""
+    out = tmp_path_factory.mktemp("mt_bench_single")
     result = _run(*_mt_bench_args(work, out))
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = last_json_line(result.stdout)
+    return out, last_json_line(result.stdout)
+
+
+def test_mt_bench_answers_equal_the_reference_and_fastchat_reads_them(work, mt_bench_run):
+    out, summary = mt_bench_run
     path = out / "model_answer" / "tiny.jsonl"
     assert summary["answers"] == str(path) and summary["num_answered"] == NUM_MT_BENCH and summary["skipped"] == {}
     questions = _mt_bench_questions(NUM_MT_BENCH)
@@ -163,11 +169,8 @@ def test_mt_bench_answers_equal_the_reference_and_fastchat_reads_them(work, tmp_
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_file(work, tmp_path):
-    uninterrupted = tmp_path / "full"
-    result = _run(*_mt_bench_args(work, uninterrupted))
-    assert result.returncode == 0, result.stderr[-3000:]
-
+def test_killed_run_resumes_to_the_same_file(work, mt_bench_run, tmp_path):
+    uninterrupted, _ = mt_bench_run
     out = tmp_path / "killed"
     progress = out / ".progress" / "tiny.mt_bench.json"
     final = out / "model_answer" / "tiny.jsonl"
@@ -197,6 +200,24 @@ def test_killed_run_resumes_to_the_same_file(work, tmp_path):
     # The same directory with other decoding settings is refused, naming the setting.
     result = _run(*_mt_bench_args(work, out, "generate.top_k=5"))
     assert result.returncode == 2 and "holds answers generated with other settings (settings)" in result.stderr
+
+
+def _generate_in_rank(rank: int, world_size: int, args: list) -> dict:
+    """`megaseg generate` on one rank of a torchrun-style launch (the CLI's own argument handling)."""
+    from megaseg.cli import main
+
+    code = main(["generate", *args])
+    assert code == 0
+    return {"rank": rank}
+
+
+def test_data_parallel_run_writes_the_single_process_file(work, mt_bench_run, tmp_path):
+    """Two data-parallel ranks share the batches (batch i on rank i % 2) and gather the answers: the same file."""
+    single, _ = mt_bench_run
+    out = tmp_path / "dp2"
+    run_distributed(_generate_in_rank, 2, _mt_bench_args(work, out), timeout=400)
+    assert _without_tstamp(out / "model_answer" / "tiny.jsonl") == _without_tstamp(
+        single / "model_answer" / "tiny.jsonl")
 
 
 @pytest.mark.slow
