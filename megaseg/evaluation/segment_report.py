@@ -140,6 +140,7 @@ body.mode-normalized .seg { background: var(--c-normalized, var(--c-raw)); }
 .seg:hover { outline: 2px solid #000; }
 .unscored { color: #999; }
 .legend { display: flex; align-items: center; gap: .5em; font-size: .85em; }
+.legend[hidden] { display: none; }
 .bar { width: 240px; height: 14px; border: 1px solid #aaa;
        background: linear-gradient(to right, rgb(214,47,39), rgb(255,255,255), rgb(33,102,172)); }
 """
