@@ -38,6 +38,10 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=1.12", "flash-attn>=2.6"],
         "wandb": ["wandb>=0.17"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"],
+        # The benchmarks' own loaders, for the tests of `megaseg generate` / `compare` (optional for users).
+        # fastchat.llm_judge imports anthropic and accelerate without declaring them; alpaca_eval imports
+        # pkg_resources, which setuptools removed in 81.
+        "eval": ["alpaca_eval>=0.6", "fschat>=0.2.36", "anthropic", "accelerate", "setuptools<81"],
     },
     entry_points={"console_scripts": ["megaseg=megaseg.cli:main"]},
 )

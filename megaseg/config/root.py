@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megaseg.config.data import DataConfig
+from megaseg.config.evaluation import CompareConfig, GenerateConfig
 from megaseg.config.model import ModelConfig
 from megaseg.config.parallel import ParallelConfig
 from megaseg.config.policy import DPOConfig, PPOConfig
@@ -25,3 +26,5 @@ class MegasegConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
