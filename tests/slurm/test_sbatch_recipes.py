@@ -47,11 +47,11 @@ def _model_overrides(tokenizer_dir: Path, sft_dir: Path) -> list[str]:
 
 def _rm_overrides(tokenizer_dir: Path, sft_dir: Path) -> list[str]:
     """The tiny run's settings, after the recipe's own (the later override wins): data parallel over the 2 tasks,
-    24 training pairs in steps of 4 (2 per rank), entropy segments of the frozen SFT model."""
+    24 training pairs in steps of 4 (2 per rank), 4 epochs: 24 steps, entropy segments of the frozen SFT model."""
     return [*_model_overrides(tokenizer_dir, sft_dir), "parallel.tensor_model_parallel_size=1",
             "data.max_samples=32", "data.eval_fraction=0.25", "data.max_length=64", "data.max_prompt_length=32",
             "segmentation.mode=entropy", f"segmentation.entropy_cutoff={CUTOFF}", "rm.global_batch_size=4",
-            "rm.micro_batch_size=1", "rm.epochs=2", "rm.optimizer.lr=1e-3", "rm.optimizer.warmup_ratio=0",
+            "rm.micro_batch_size=1", "rm.epochs=4", "rm.optimizer.lr=1e-3", "rm.optimizer.warmup_ratio=0",
             "checkpoint.save_every=0", "logging.tensorboard=false"]
 
 
@@ -128,25 +128,9 @@ def _wait_for_step(out_dir: Path, step: int, cluster: SlurmCluster, job_id: int,
         time.sleep(0.1)
 
 
-def test_reward_model_sbatch_equals_torchrun(slurm_cluster, material, torchrun_losses):
-    root, overrides = material
-    (root / "plain").mkdir()
-    launch = _launch_dir(root / "plain")
-    started = time.monotonic()
-    job_id = _submit_reward_model(slurm_cluster, launch, overrides, "rm-tiny")
-    info = slurm_cluster.wait(job_id, JOB_TIMEOUT)
-    elapsed = time.monotonic() - started
-    log = _job_log(launch, job_id)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log}"
-    out_dir = launch / "work" / BACKBONE / "rm-tiny"
-    assert _train_losses(out_dir) == torchrun_losses, log
-    assert len(torchrun_losses) == 12
-    normalizer = json.loads((out_dir / "reward_model" / "normalizer.json").read_text())
-    assert normalizer["kind"] == "location" and normalizer["calibration"]["num_pairs"] == 16, normalizer
-    print(f"reward_model.sbatch job {job_id}: {elapsed:.1f} s")
-
-
-def test_preempted_job_requeues_and_resumes_exactly(slurm_cluster, material, torchrun_losses):
+def test_reward_model_sbatch_preempted_requeued_equals_torchrun(slurm_cluster, material, torchrun_losses):
+    """One job covers both claims: its steps before the preemption are srun's (Slurm rendezvous) and after it the
+    resumed run's, and all of them equal torchrun's; then the script fits the normalizer."""
     root, overrides = material
     (root / "preempt").mkdir()
     launch = _launch_dir(root / "preempt")
@@ -170,7 +154,11 @@ def test_preempted_job_requeues_and_resumes_exactly(slurm_cluster, material, tor
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log}"
     assert "preempted (SIGUSR1): saved" in log and "requeueing job" in log, log
     assert f"resumed at step {preempted_at}" in log, log
+    assert len(torchrun_losses) == 24
     assert _train_losses(out_dir) == torchrun_losses, log
+    normalizer = json.loads((out_dir / "reward_model" / "normalizer.json").read_text())
+    assert normalizer["kind"] == "location" and normalizer["calibration"]["num_pairs"] == 16, normalizer
+    assert log.count('{"normalizer": ') == 1, log  # one summary line: rank 0's
     print(f"preempted job {job_id}: stopped after step {preempted_at}, requeued, finished; {elapsed:.1f} s")
 
 

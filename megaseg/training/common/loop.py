@@ -64,7 +64,8 @@ class PreemptionFlag:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["PreemptionFlag"]:
-        """Handle the preemption signals inside the block, restore the previous handlers after it. Signals can only
+        """Handle the preemption signals inside the block, restore the previous handlers after it (unless it raises
+        ``Preempted``: then the signals are ignored until the process has exited). Signals can only
         be handled in the main thread; elsewhere (a trainer run from a worker thread) the block changes nothing."""
         if threading.current_thread() is not threading.main_thread():
             yield self
@@ -72,6 +73,12 @@ class PreemptionFlag:
         previous = {signum: signal.signal(signum, self._handle) for signum in PREEMPTION_SIGNALS}
         try:
             yield self
+        except Preempted:
+            # Ignore the signals on the way out: under `srun --kill-on-bad-exit` the first rank to exit with
+            # PREEMPTED_EXIT_CODE makes srun SIGTERM the others, which must still exit with that code. SIG_IGN, not a
+            # Python handler: the interpreter resets its own handlers to the default early in its finalization.
+            previous = {signum: signal.SIG_IGN for signum in PREEMPTION_SIGNALS}
+            raise
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
