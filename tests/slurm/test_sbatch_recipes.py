@@ -99,7 +99,7 @@ def torchrun_losses(material) -> dict[int, float]:
     """The same train-rm as reward_model.sbatch runs (its config and arguments), under torchrun instead of srun."""
     root, overrides = material
     out_dir = root / "torchrun"
-    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "-m", "megaseg.cli",
+    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "megaseg.cli",
                "train-rm", "--config", str(REPO / "examples" / "paper" / BACKBONE / "common.yaml"),
                f"data.train_path={PREFERENCES}", "rm.epochs=1", f"logging.out_dir={out_dir}", *overrides]
     env = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
@@ -194,3 +194,38 @@ def test_dead_rank_ends_the_job(slurm_cluster, material):
     assert "task 1: Killed" in log, log
     assert not (out_dir / "reward_model").exists()
     print(f"job {job_id} ended {elapsed:.1f} s after task 1 was killed: {info['JobState']} {info['ExitCode']}")
+
+
+def _dpo_overrides(material_overrides: list[str], out_dir: Path) -> list[str]:
+    model = [item for item in material_overrides if item.startswith("model.")]
+    return [*model, "parallel.tensor_model_parallel_size=1", f"data.train_path={PREFERENCES}", "data.max_samples=20",
+            "data.eval_fraction=0.2", "data.max_length=64", "data.max_prompt_length=40", "dpo.global_batch_size=4",
+            "dpo.micro_batch_size=1", "dpo.max_steps=3", "dpo.optimizer.lr=1e-3", "dpo.optimizer.warmup_ratio=0",
+            "checkpoint.save_every=0", "logging.tensorboard=false", f"logging.out_dir={out_dir}"]
+
+
+def test_dpo_sbatch_equals_torchrun(slurm_cluster, material):
+    root, overrides = material
+    (root / "dpo").mkdir()
+    launch = _launch_dir(root / "dpo")
+    config = f"examples/paper/{BACKBONE}/table3-dpo.yaml"
+    started = time.monotonic()
+    job_id = slurm_cluster.sbatch(*SBATCH_RESOURCES, "examples/paper/slurm/dpo.sbatch", config,
+                                  *_dpo_overrides(overrides, launch / "slurm"), cwd=launch)
+    torchrun_dir = root / "dpo_torchrun"
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
+    result = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m",
+                             "megaseg.cli", "train-dpo", "--config", str(REPO / config),
+                             *_dpo_overrides(overrides, torchrun_dir)],
+                            env={**env, "OMP_NUM_THREADS": "1"}, cwd=root, capture_output=True, text=True,
+                            timeout=JOB_TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    info = slurm_cluster.wait(job_id, JOB_TIMEOUT)
+    elapsed = time.monotonic() - started
+    log_path = launch / f"megaseg-dpo-{job_id}.out"
+    log = log_path.read_text() if log_path.exists() else f"(no job log {log_path})"
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log}"
+    expected = _train_losses(torchrun_dir)
+    assert sorted(expected) == [1, 2, 3]
+    assert _train_losses(launch / "slurm") == expected, log
+    print(f"dpo.sbatch job {job_id} and its torchrun twin: {elapsed:.1f} s")
