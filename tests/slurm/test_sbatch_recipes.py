@@ -68,9 +68,9 @@ def _save_sft(rank, world_size, tokenizer_dir, sft_dir):
     destroy_parallel()
 
 
-def _train_losses(out_dir: Path) -> dict[int, float]:
+def _train_losses(out_dir: Path, name: str = "train/loss") -> dict[int, float]:
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    losses = [(row["step"], row["train/loss"]) for row in rows if "train/loss" in row]
+    losses = [(row["step"], row[name]) for row in rows if name in row]
     steps = [step for step, _ in losses]
     assert len(steps) == len(set(steps)), f"a step was logged twice in {out_dir / 'metrics.jsonl'}: {steps}"
     return dict(losses)
@@ -196,36 +196,73 @@ def test_dead_rank_ends_the_job(slurm_cluster, material):
     print(f"job {job_id} ended {elapsed:.1f} s after task 1 was killed: {info['JobState']} {info['ExitCode']}")
 
 
-def _dpo_overrides(material_overrides: list[str], out_dir: Path) -> list[str]:
-    model = [item for item in material_overrides if item.startswith("model.")]
-    return [*model, "parallel.tensor_model_parallel_size=1", f"data.train_path={PREFERENCES}", "data.max_samples=20",
-            "data.eval_fraction=0.2", "data.max_length=64", "data.max_prompt_length=40", "dpo.global_batch_size=4",
-            "dpo.micro_batch_size=1", "dpo.max_steps=3", "dpo.optimizer.lr=1e-3", "dpo.optimizer.warmup_ratio=0",
-            "checkpoint.save_every=0", "logging.tensorboard=false", f"logging.out_dir={out_dir}"]
+DPO_OVERRIDES = ["parallel.tensor_model_parallel_size=1", f"data.train_path={PREFERENCES}", "data.max_samples=20",
+                 "data.eval_fraction=0.2", "data.max_length=64", "data.max_prompt_length=40",
+                 "dpo.global_batch_size=4", "dpo.micro_batch_size=1", "dpo.max_steps=2", "dpo.optimizer.lr=1e-3",
+                 "dpo.optimizer.warmup_ratio=0", "checkpoint.save_every=0", "logging.tensorboard=false"]
+PPO_OVERRIDES = ["parallel.tensor_model_parallel_size=1", "data.prompt_format=auto",
+                 "data.prompt_path=shipped:prompts/arena-hard-v0.1_question.jsonl", "data.max_samples=16",
+                 "ppo.eval_every=0", "ppo.eval_max_prompts=2", "ppo.rollout_batch_size=4", "ppo.train_batch_size=2",
+                 "ppo.micro_batch_size=1", "ppo.micro_rollout_batch_size=2", "ppo.max_prompt_length=48",
+                 "ppo.max_new_tokens=8", "ppo.max_steps=2", "ppo.actor_optimizer.lr=1e-4",
+                 "ppo.critic_optimizer.lr=1e-4", "ppo.actor_optimizer.warmup_ratio=0",
+                 "ppo.critic_optimizer.warmup_ratio=0", "checkpoint.save_every=0", "logging.tensorboard=false"]
+
+
+def _sbatch_and_torchrun(cluster: SlurmCluster, root: Path, name: str, command: str, config: str,
+                         overrides: list[str], loss_names: tuple[str, ...]) -> None:
+    """`sbatch <name>.sbatch CONFIG overrides` and `torchrun ... megaseg <command> --config CONFIG overrides` side
+    by side (different out_dirs); every step's ``loss_names`` equal."""
+    (root / name).mkdir()
+    launch = _launch_dir(root / name)
+    started = time.monotonic()
+    job_id = cluster.sbatch(*SBATCH_RESOURCES, f"examples/paper/slurm/{name}.sbatch", config, *overrides,
+                            f"logging.out_dir={launch / 'slurm'}", cwd=launch)
+    torchrun_dir = root / f"{name}_torchrun"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
+    result = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
+                             "-m", "megaseg.cli", command, "--config", str(REPO / config), *overrides,
+                             f"logging.out_dir={torchrun_dir}"],
+                            env={**env, "OMP_NUM_THREADS": "1"}, cwd=root, capture_output=True, text=True,
+                            timeout=JOB_TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    info = cluster.wait(job_id, JOB_TIMEOUT)
+    elapsed = time.monotonic() - started
+    log_path = launch / f"megaseg-{name}-{job_id}.out"
+    log = log_path.read_text() if log_path.exists() else f"(no job log {log_path})"
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log}"
+    for loss_name in loss_names:
+        expected = _train_losses(torchrun_dir, loss_name)
+        assert sorted(expected) == [1, 2], (loss_name, expected)
+        assert _train_losses(launch / "slurm", loss_name) == expected, (loss_name, log)
+    print(f"{name}.sbatch job {job_id} and its torchrun twin: {elapsed:.1f} s")
 
 
 def test_dpo_sbatch_equals_torchrun(slurm_cluster, material):
     root, overrides = material
-    (root / "dpo").mkdir()
-    launch = _launch_dir(root / "dpo")
-    config = f"examples/paper/{BACKBONE}/table3-dpo.yaml"
-    started = time.monotonic()
-    job_id = slurm_cluster.sbatch(*SBATCH_RESOURCES, "examples/paper/slurm/dpo.sbatch", config,
-                                  *_dpo_overrides(overrides, launch / "slurm"), cwd=launch)
-    torchrun_dir = root / "dpo_torchrun"
-    env = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
-    result = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m",
-                             "megaseg.cli", "train-dpo", "--config", str(REPO / config),
-                             *_dpo_overrides(overrides, torchrun_dir)],
-                            env={**env, "OMP_NUM_THREADS": "1"}, cwd=root, capture_output=True, text=True,
-                            timeout=JOB_TIMEOUT)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    info = slurm_cluster.wait(job_id, JOB_TIMEOUT)
-    elapsed = time.monotonic() - started
-    log_path = launch / f"megaseg-dpo-{job_id}.out"
-    log = log_path.read_text() if log_path.exists() else f"(no job log {log_path})"
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log}"
-    expected = _train_losses(torchrun_dir)
-    assert sorted(expected) == [1, 2, 3]
-    assert _train_losses(launch / "slurm") == expected, log
-    print(f"dpo.sbatch job {job_id} and its torchrun twin: {elapsed:.1f} s")
+    model = [item for item in overrides if item.startswith("model.")]
+    _sbatch_and_torchrun(slurm_cluster, root, "dpo", "train-dpo", f"examples/paper/{BACKBONE}/table3-dpo.yaml",
+                         [*model, *DPO_OVERRIDES], ("train/loss",))
+
+
+def _write_normalizer(rm_dir: Path) -> None:
+    """A location normalizer fitted on synthetic rewards (PPO only needs one with the right metadata)."""
+    import numpy as np
+
+    from megaseg.algorithms.normalizer import LocationNormalizer
+
+    rng = np.random.default_rng(0)
+    p = np.concatenate([(np.arange(t) + 1) / t for t in rng.integers(1, 9, size=300)])
+    LocationNormalizer.fit(p, 0.3 * np.log(p) + rng.normal(0, 0.05, p.size), model="Phi-3-mini-4k-instruct",
+                           c_ent=CUTOFF, aggregation="mean", segmentation="entropy").save(rm_dir / "normalizer.json")
+
+
+def test_ppo_sbatch_equals_torchrun(slurm_cluster, material, torchrun_losses):
+    """PPO against the reward model the torchrun fixture trained (same tiny backbone), 2 steps."""
+    root, overrides = material
+    rm_dir = root / "torchrun" / "reward_model"
+    _write_normalizer(rm_dir)
+    model = [item for item in overrides if item.startswith(("model.", "segmentation."))]
+    _sbatch_and_torchrun(slurm_cluster, root, "ppo", "train-ppo", f"examples/paper/{BACKBONE}/table1-segment.yaml",
+                         [*model, f"rm.checkpoint={rm_dir}", *PPO_OVERRIDES],
+                         ("train/policy_loss", "train/value_loss", "train/rm_score"))
