@@ -40,6 +40,7 @@ from megaseg.checkpoint.reward_model_dir import read_reward_model_info
 from megaseg.config import MegasegConfig, config_to_yaml
 from megaseg.parallel.collectives import is_rank_zero
 from megaseg.parallel.initialize import ParallelContext
+from megaseg.parallel.launch_env import read_launch_env
 from megaseg.scoring.inputs import ScoredData, encode_pairs_file, reward_model_config, score_encoded_pairs
 from megaseg.scoring.normalizer_file import normalizer_metadata, normalizer_path, write_normalizer
 from megaseg.scoring.normalizer_plot import plot_normalizer
@@ -144,7 +145,8 @@ def fit_normalizer(command_config: MegasegConfig, explicit_keys: Iterable[str],
 
 def fit_normalizer_command(config: MegasegConfig, explicit_keys: frozenset[str] = frozenset()) -> int:
     fit = fit_normalizer(config, explicit_keys)
-    if is_rank_zero():
+    # The process group is gone by now (is_rank_zero() would be true on every rank): the launcher's rank decides.
+    if read_launch_env().rank == 0:
         print(f"wrote {fit.normalizer_path} and {fit.plot_path}", flush=True)
         print(json.dumps(fit.summary), flush=True)
     return 0

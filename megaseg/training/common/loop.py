@@ -9,20 +9,84 @@ does the rest, identically for train-rm, train-ppo and train-dpo:
     -> per step: the next global batch (epoch tail skipped) -> step -> log (train/, time/, ...) -> evaluate every
        `eval_every` -> checkpoint every `checkpoint.save_every`
     -> final evaluation and checkpoint -> the trainer's result
+
+Preemption: while ``run`` is looping, SIGTERM and SIGUSR1 (what Slurm sends before it kills or preempts a job, e.g.
+``sbatch --signal=USR1@120``) only set a flag. At the next step boundary the ranks agree on it (one tiny sum over
+the world, so a signal that reached only some ranks stops all of them at the same step), save a complete checkpoint
+unless that step already saved one, and raise ``Preempted``: a ``SystemExit`` with ``PREEMPTED_EXIT_CODE``, so the
+process exits with that code and a job script can requeue itself (examples/paper/slurm). The rerun resumes from the
+checkpoint exactly. Repeated signals change nothing (Slurm's SIGKILL after KillWait is the hard stop); a signal
+before the loop starts (during the build or the resume) still has its default action.
 """
 from __future__ import annotations
 
 import abc
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Optional
+
+import torch
 
 from megaseg.checkpoint.resume import checkpoint_root, resume_latest
 from megaseg.checkpoint.step_dirs import TrainedModel, TrainingProgress, save_training_checkpoint
 from megaseg.config import MegasegConfig, save_config
 from megaseg.data.sampler import ResumableShardedSampler
+from megaseg.parallel.collectives import sum_across_ranks
 from megaseg.parallel.initialize import ParallelContext
 from megaseg.training.common.metrics import PhaseTimer, RunLogger
+
+# The exit code of a run stopped by a preemption signal after its checkpoint: EX_TEMPFAIL of sysexits.h ("try again
+# later"). examples/paper/slurm/srun_or_requeue.sh requeues the job on it.
+PREEMPTED_EXIT_CODE = 75
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(SystemExit):
+    """Raised by ``Trainer.run`` after the checkpoint of a preempted run; exits the process with PREEMPTED_EXIT_CODE."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.step, self.checkpoint = step, checkpoint
+
+
+class PreemptionFlag:
+    """Set by SIGTERM / SIGUSR1 while ``installed()`` is active; ``agreed()`` is the same answer on every rank."""
+
+    def __init__(self) -> None:
+        self.signal_name: Optional[str] = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["PreemptionFlag"]:
+        """Handle the preemption signals inside the block, restore the previous handlers after it (unless it raises
+        ``Preempted``: then the signals are ignored until the process has exited). Signals can only
+        be handled in the main thread; elsewhere (a trainer run from a worker thread) the block changes nothing."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {signum: signal.signal(signum, self._handle) for signum in PREEMPTION_SIGNALS}
+        try:
+            yield self
+        except Preempted:
+            # Ignore the signals on the way out: under `srun --kill-on-bad-exit` the first rank to exit with
+            # PREEMPTED_EXIT_CODE makes srun SIGTERM the others, which must still exit with that code. SIG_IGN, not a
+            # Python handler: the interpreter resets its own handlers to the default early in its finalization.
+            previous = {signum: signal.SIG_IGN for signum in PREEMPTION_SIGNALS}
+            raise
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def agreed(self, parallel_ctx: ParallelContext) -> bool:
+        """Whether any rank got a preemption signal (collective: every rank calls it at the same step)."""
+        local = torch.tensor([0.0 if self.signal_name is None else 1.0])
+        return bool(sum_across_ranks(local, device=parallel_ctx.device).item() > 0)
 
 
 @dataclass(frozen=True)
@@ -184,6 +248,14 @@ class Trainer(abc.ABC):
         self.logger.log(step, self.timer.pop(), prefix="time")
         self.logger.log(step, report.train, prefix="train")
 
+    def _stop_preempted(self, progress: TrainingProgress, checkpoint: Optional[Path],
+                        signal_name: Optional[str]) -> None:
+        """Save the step unless it just was, then raise ``Preempted`` (every rank)."""
+        checkpoint = checkpoint or self.save(progress)
+        self.logger.message(f"preempted ({signal_name or 'signal on another rank'}): saved {checkpoint}; exiting "
+                            f"with code {PREEMPTED_EXIT_CODE}, a rerun resumes at step {progress.step}")
+        raise Preempted(progress.step, checkpoint)
+
     def run(self) -> RunResult:
         """The whole run on initialised process groups (every rank calls it)."""
         config = self.config
@@ -195,6 +267,7 @@ class Trainer(abc.ABC):
                                 run_config=config, start_step=progress.step)
         metrics: Mapping[str, float] = {}
         last_eval = None
+        preemption = PreemptionFlag()
         try:
             self.logger.message(self.describe() + (f"; resumed at step {progress.step} ({progress.consumed_samples} "
                                                    "samples consumed)" if progress.step else ""))
@@ -204,15 +277,19 @@ class Trainer(abc.ABC):
             save_every, eval_every = config.checkpoint.save_every, self.eval_every
             if progress.step == self.plan.total_steps and self.evaluates_at_end:  # resumed after the last step
                 last_eval = self._evaluate_and_log(progress.step)
-            while progress.step < self.plan.total_steps:
-                report, progress = self.train_one_step(progress)
-                metrics = report.train
-                self._log(progress.step, report)
-                last_step = progress.step == self.plan.total_steps
-                if (eval_every and progress.step % eval_every == 0) or (last_step and self.evaluates_at_end):
-                    last_eval = self._evaluate_and_log(progress.step)
-                if last_step or (save_every and progress.step % save_every == 0):
-                    self.save(progress)
+            with preemption.installed():
+                while progress.step < self.plan.total_steps:
+                    report, progress = self.train_one_step(progress)
+                    metrics = report.train
+                    self._log(progress.step, report)
+                    last_step = progress.step == self.plan.total_steps
+                    if (eval_every and progress.step % eval_every == 0) or (last_step and self.evaluates_at_end):
+                        last_eval = self._evaluate_and_log(progress.step)
+                    checkpoint = None
+                    if last_step or (save_every and progress.step % save_every == 0):
+                        checkpoint = self.save(progress)
+                    if not last_step and preemption.agreed(self.ctx):
+                        self._stop_preempted(progress, checkpoint, preemption.signal_name)
             result = self.finish(progress, RunResult(steps=progress.step, last_metrics=dict(metrics),
                                                      last_eval=last_eval))
         finally:
