@@ -1,0 +1,18 @@
+"""Triton kernels for the hot segment and vocabulary paths, each beside the torch reference it must match.
+
+- ``segment_reduce``: ragged e(x, y) (mean / sum / min / last at the segment ends), forward and backward;
+  reference ``megaseg.algorithms.aggregation``;
+- ``vocab_partials``: one pass over a ``[tokens, vocab_shard]`` logits block giving the shard max, the softmax sums
+  and the target logit, and the entropy / log-prob backward that recomputes probabilities instead of storing them;
+  combined over the tensor-parallel group by ``megaseg.parallel.vocab_parallel``, whose chunked torch path is the
+  reference;
+- ``scan``: GAE as a segmented reverse scan (with the returns) and the masked whitening moments; references
+  ``megaseg.algorithms.advantages.gae`` and ``megaseg.algorithms.ppo.masked_moments``.
+
+``dispatch`` chooses between them and torch (config ``kernels: auto | triton | torch``). It never imports Triton: the
+kernel modules are imported only when a dispatch point runs a kernel, so that ``TRITON_INTERPRET`` (read when a kernel
+is defined) can still be set for CPU runs, and so that megaseg runs without Triton installed.
+"""
+from megaseg.kernels.dispatch import KERNEL_CHOICES, kernels_mode, select_kernels, selected_kernels, use_triton
+
+__all__ = ["KERNEL_CHOICES", "kernels_mode", "select_kernels", "selected_kernels", "use_triton"]
