@@ -20,8 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from megaseg.algorithms.aggregation import AGGREGATIONS, aggregate_segment_rewards
-
 # Whether these kernels run in Triton's interpreter (decided when ``triton.jit`` wraps them, i.e. now).
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 HOW_CODES = {"sum": 0, "mean": 1, "min": 2, "last": 3}
@@ -127,7 +125,7 @@ class _SegmentReduce(torch.autograd.Function):
 
 def _check_layout(values: torch.Tensor, ends: torch.Tensor, cu_seqlens: torch.Tensor, how: str) -> None:
     if how not in HOW_CODES:
-        raise ValueError(f"aggregation={how!r} is not allowed; choose one of {list(AGGREGATIONS)}")
+        raise ValueError(f"aggregation={how!r} is not allowed; choose one of {list(HOW_CODES)}")
     if values.dim() != 1 or ends.shape != values.shape or ends.dtype != torch.bool:
         raise ValueError(f"values and ends must be [N] tensors, ends bool; got values {tuple(values.shape)}, "
                          f"ends {tuple(ends.shape)} {ends.dtype}")
@@ -164,6 +162,9 @@ def segment_reduce_reference(values: torch.Tensor, ends: torch.Tensor, cu_seqlen
                              ) -> torch.Tensor:
     """The torch path for the flat layout: each sequence padded into a ``[batch, longest]`` row (ends False in the
     padding), then ``megaseg.algorithms.aggregation`` without validation."""
+    from megaseg.algorithms.aggregation import aggregate_segment_rewards  # (the algorithms layer dispatches here)
+    from megaseg.kernels.dispatch import kernels_mode
+
     _check_layout(values, ends, cu_seqlens, how)
     lengths = cu_seqlens.diff()
     batch, longest = lengths.numel(), int(lengths.max()) if lengths.numel() else 0
@@ -175,4 +176,5 @@ def segment_reduce_reference(values: torch.Tensor, ends: torch.Tensor, cu_seqlen
     if values.numel():
         padded_ends = ends[index] & inside
         padded_values = torch.where(inside, values[index], padded_values)
-    return aggregate_segment_rewards(padded_values, padded_ends, how, validate=False)
+    with kernels_mode("torch"):
+        return aggregate_segment_rewards(padded_values, padded_ends, how, validate=False)
