@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megaseg.config._checks import check_choice
 from megaseg.config.data import DataConfig
 from megaseg.config.model import ModelConfig
 from megaseg.config.parallel import ParallelConfig
@@ -11,10 +12,15 @@ from megaseg.config.reward import NormalizerConfig, RewardModelConfig
 from megaseg.config.segmentation import SegmentationConfig
 from megaseg.config.training import CheckpointConfig, LoggingConfig
 
+# Which implementation the segment/vocabulary hot paths run (megaseg.kernels.dispatch): Triton on CUDA and torch
+# elsewhere (auto), Triton everywhere (triton; CPU tensors only under TRITON_INTERPRET=1), or torch always.
+KERNEL_CHOICES = ("auto", "triton", "torch")
+
 
 @dataclass(frozen=True)
 class MegasegConfig:
     seed: int = 1234
+    kernels: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -25,3 +31,6 @@ class MegasegConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        check_choice("kernels", self.kernels, KERNEL_CHOICES)

@@ -23,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-KERNEL_CHOICES = ("auto", "triton", "torch")
+from megaseg.config.root import KERNEL_CHOICES
 # The kernel modules; each records at import whether its kernels were defined in the interpreter.
 KERNEL_MODULES = ("megaseg.kernels.segment_reduce", "megaseg.kernels.vocab_partials", "megaseg.kernels.scan")
 
