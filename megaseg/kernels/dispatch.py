@@ -25,7 +25,8 @@ import torch
 
 from megaseg.config.root import KERNEL_CHOICES
 # The kernel modules; each records at import whether its kernels were defined in the interpreter.
-KERNEL_MODULES = ("megaseg.kernels.segment_reduce", "megaseg.kernels.vocab_partials", "megaseg.kernels.scan")
+KERNEL_MODULES = ("megaseg.kernels.segment_reduce", "megaseg.kernels.vocab_partials", "megaseg.kernels.scan",
+                  "megaseg.kernels.reward_shaping")
 
 _mode = "auto"
 
