@@ -65,27 +65,30 @@ def _shard_partials_kernel(logits_ptr, row_stride, tokens_ptr, vocab_start, voca
 
 
 @triton.jit
-def _shard_grad_kernel(logits_ptr, row_stride, grad_ptr, lse_ptr, grad_out_ptr, entropy_ptr, tokens_ptr, vocab_start,
-                       vocab, ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+def _shard_grad_kernel(logits_ptr, row_stride, grad_ptr, lse_ptr, grad_log_probs_ptr, grad_entropy_ptr, entropy_ptr,
+                       tokens_ptr, vocab_start, vocab, LOG_PROB: tl.constexpr, ENTROPY: tl.constexpr,
+                       BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * row_stride
     out = grad_ptr + row * vocab
     lse = tl.load(lse_ptr + row)
-    g = tl.load(grad_out_ptr + row).to(tl.float32)
-    if ENTROPY:
-        entropy = tl.load(entropy_ptr + row)
-    else:
+    if LOG_PROB:
+        g_log_prob = tl.load(grad_log_probs_ptr + row).to(tl.float32)
         local = tl.load(tokens_ptr + row) - vocab_start
+    if ENTROPY:
+        g_entropy = tl.load(grad_entropy_ptr + row).to(tl.float32)
+        entropy = tl.load(entropy_ptr + row)
     lanes = tl.arange(0, BLOCK_V)
     for block_start in range(0, vocab, BLOCK_V):
         cols = block_start + lanes
         inside = cols < vocab
         log_p = tl.load(base + cols, mask=inside, other=float("-inf")).to(tl.float32) - lse
         p = tl.exp(log_p)
+        grad = tl.zeros([BLOCK_V], dtype=tl.float32)
+        if LOG_PROB:
+            grad += tl.where(cols == local, g_log_prob, 0.0) - g_log_prob * p
         if ENTROPY:
-            grad = -g * p * (tl.maximum(log_p, -3.4028234663852886e38) + entropy)
-        else:
-            grad = tl.where(cols == local, g, 0.0) - g * p
+            grad += -g_entropy * p * (tl.maximum(log_p, -3.4028234663852886e38) + entropy)
         tl.store(out + cols, grad.to(grad_ptr.dtype.element_ty), mask=inside)
 
 
@@ -107,27 +110,26 @@ def shard_partials(flat: torch.Tensor, tokens: torch.Tensor | None = None, vocab
     return partials
 
 
-def shard_log_prob_grad(flat: torch.Tensor, tokens: torch.Tensor, vocab_start: int, log_normalizer: torch.Tensor,
-                        grad_log_probs: torch.Tensor) -> torch.Tensor:
-    """``[rows, vocab_shard]`` gradient of the target log-probs through this shard (the logits' dtype):
-    ``g (1[v == target] - exp(z_v - lse))``, the indicator only where this shard holds the target."""
-    return _shard_grad(flat, log_normalizer, grad_log_probs, None, tokens.to(torch.int64).contiguous(), vocab_start)
-
-
-def shard_entropy_grad(flat: torch.Tensor, log_normalizer: torch.Tensor, entropy: torch.Tensor,
-                       grad_entropy: torch.Tensor) -> torch.Tensor:
-    """``[rows, vocab_shard]`` gradient of the entropies through this shard: ``-g p_v (log p_v + H)``."""
-    return _shard_grad(flat, log_normalizer, grad_entropy, entropy.contiguous(), None, 0)
-
-
-def _shard_grad(flat, log_normalizer, grad_out, entropy, tokens, vocab_start) -> torch.Tensor:
+def shard_grad(flat: torch.Tensor, log_normalizer: torch.Tensor, *, tokens: torch.Tensor | None = None,
+               vocab_start: int = 0, grad_log_probs: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
+               grad_entropy: torch.Tensor | None = None) -> torch.Tensor:
+    """``[rows, vocab_shard]`` gradient through this shard (the logits' dtype) of the target log-probs
+    (``g (1[v == target] - p_v)``, the indicator only where this shard holds the target; needs ``tokens`` and
+    ``grad_log_probs``), of the entropies (``-g p_v (log p_v + H)``; needs ``entropy`` and ``grad_entropy``), or of
+    both summed, in one pass. ``log_normalizer`` ``[rows]`` is ``M + log S`` over the whole vocabulary."""
     flat = _rows(flat)
     rows, vocab = flat.shape
+    log_prob, with_entropy = grad_log_probs is not None, grad_entropy is not None
+    assert log_prob or with_entropy, "nothing to differentiate"
     grad = torch.empty(rows, vocab, dtype=flat.dtype, device=flat.device)
     if rows:
         dummy = log_normalizer
-        _shard_grad_kernel[(rows,)](flat, flat.stride(0), grad, log_normalizer.contiguous(), grad_out.contiguous(),
-                                    entropy if entropy is not None else dummy, tokens if tokens is not None else dummy,
-                                    vocab_start, vocab, ENTROPY=entropy is not None,
-                                    BLOCK_V=min(BLOCK_V, triton.next_power_of_2(vocab)))
+
+        def arg(tensor):
+            return tensor.contiguous() if tensor is not None else dummy
+
+        _shard_grad_kernel[(rows,)](
+            flat, flat.stride(0), grad, log_normalizer.contiguous(), arg(grad_log_probs), arg(grad_entropy),
+            arg(entropy), tokens.to(torch.int64).contiguous() if log_prob else dummy, vocab_start, vocab,
+            LOG_PROB=log_prob, ENTROPY=with_entropy, BLOCK_V=min(BLOCK_V, triton.next_power_of_2(vocab)))
     return grad

@@ -198,10 +198,10 @@ class _TritonVocabParallelEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_entropy: torch.Tensor):
-        from megaseg.kernels.vocab_partials import shard_entropy_grad
+        from megaseg.kernels.vocab_partials import shard_grad
 
         flat, log_normalizer, entropy = ctx.saved_tensors
-        return shard_entropy_grad(flat, log_normalizer, entropy, grad_entropy), None
+        return shard_grad(flat, log_normalizer, entropy=entropy, grad_entropy=grad_entropy), None
 
 
 class _TritonVocabParallelTokenLogProbs(torch.autograd.Function):
@@ -216,10 +216,34 @@ class _TritonVocabParallelTokenLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_log_probs: torch.Tensor):
-        from megaseg.kernels.vocab_partials import shard_log_prob_grad
+        from megaseg.kernels.vocab_partials import shard_grad
 
         flat, tokens, log_normalizer = ctx.saved_tensors
-        return shard_log_prob_grad(flat, tokens, ctx.vocab_start, log_normalizer, grad_log_probs), None, None, None
+        grad = shard_grad(flat, log_normalizer, tokens=tokens, vocab_start=ctx.vocab_start, grad_log_probs=grad_log_probs)
+        return grad, None, None, None
+
+
+class _TritonVocabParallelLogProbsAndEntropy(torch.autograd.Function):
+    """Both outputs from one read of the shard, and one backward pass for both gradients."""
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, tokens: torch.Tensor, vocab_start: int, tp_group: Any):
+        from megaseg.kernels.vocab_partials import shard_partials
+
+        log_normalizer, entropy, target = _combine_partials(shard_partials(flat, tokens, vocab_start), tp_group)
+        ctx.save_for_backward(flat, tokens, log_normalizer, entropy)
+        ctx.vocab_start = vocab_start
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: its term is skipped
+        return target - log_normalizer, entropy
+
+    @staticmethod
+    def backward(ctx, grad_log_probs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor]):
+        from megaseg.kernels.vocab_partials import shard_grad
+
+        flat, tokens, log_normalizer, entropy = ctx.saved_tensors
+        grad = shard_grad(flat, log_normalizer, tokens=tokens, vocab_start=ctx.vocab_start,
+                          grad_log_probs=grad_log_probs, entropy=entropy, grad_entropy=grad_entropy)
+        return grad, None, None, None
 
 
 def vocab_parallel_entropy(
@@ -296,3 +320,26 @@ def vocab_parallel_log_probs(
     else:
         log_probs = _VocabParallelTokenLogProbs.apply(flat, tokens.reshape(-1).long(), vocab_start, chunk, tp_group)
     return log_probs.reshape(tokens.shape)
+
+
+def vocab_parallel_log_probs_and_entropy(
+    logits_shard: torch.Tensor,
+    tokens: torch.Tensor,
+    tp_group: Any,
+    chunk_size: Optional[int] = None,
+    validate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(vocab_parallel_log_probs(...), vocab_parallel_entropy(...))`` of one logits shard: with the Triton kernels
+    both come from one read of the shard (and one backward pass); with torch they are the two functions above."""
+    if not use_triton(_flatten(logits_shard)):
+        return (vocab_parallel_log_probs(logits_shard, tokens, tp_group, chunk_size, validate),
+                vocab_parallel_entropy(logits_shard, tp_group, chunk_size))
+    from megatron.core.tensor_parallel.utils import VocabUtility
+
+    flat = _flatten(logits_shard)
+    tp_size, tp_rank = _group_size_and_rank(tp_group)
+    _check_tokens(tokens, logits_shard, flat.shape[1] * tp_size, validate)
+    vocab_start, _ = VocabUtility.vocab_range_from_per_partition_vocab_size(flat.shape[1], tp_rank, tp_size)
+    log_probs, entropy = _TritonVocabParallelLogProbsAndEntropy.apply(flat, tokens.reshape(-1).long(), vocab_start,
+                                                                      tp_group)
+    return log_probs.reshape(tokens.shape), entropy.reshape(tokens.shape)

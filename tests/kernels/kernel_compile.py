@@ -38,12 +38,13 @@ def _variants():
                    "vocab": "i32", "partials_ptr": p32, "HAS_TOKENS": "constexpr", "BLOCK_V": "constexpr"}
             yield (f"shard_partials[{dtype},tokens={has_tokens}]", vocab_partials._shard_partials_kernel, sig,
                    {"HAS_TOKENS": has_tokens, "BLOCK_V": vocab_partials.BLOCK_V})
-        for entropy in (True, False):
-            sig = {"logits_ptr": dtype, "row_stride": "i64", "grad_ptr": dtype, "lse_ptr": p32, "grad_out_ptr": p32,
-                   "entropy_ptr": p32, "tokens_ptr": pi64, "vocab_start": "i64", "vocab": "i32",
-                   "ENTROPY": "constexpr", "BLOCK_V": "constexpr"}
-            yield (f"shard_grad[{dtype},entropy={entropy}]", vocab_partials._shard_grad_kernel, sig,
-                   {"ENTROPY": entropy, "BLOCK_V": vocab_partials.BLOCK_V})
+        for log_prob, entropy in ((True, False), (False, True), (True, True)):
+            sig = {"logits_ptr": dtype, "row_stride": "i64", "grad_ptr": dtype, "lse_ptr": p32,
+                   "grad_log_probs_ptr": p32, "grad_entropy_ptr": p32, "entropy_ptr": p32, "tokens_ptr": pi64,
+                   "vocab_start": "i64", "vocab": "i32", "LOG_PROB": "constexpr", "ENTROPY": "constexpr",
+                   "BLOCK_V": "constexpr"}
+            yield (f"shard_grad[{dtype},log_prob={log_prob},entropy={entropy}]", vocab_partials._shard_grad_kernel,
+                   sig, {"LOG_PROB": log_prob, "ENTROPY": entropy, "BLOCK_V": vocab_partials.BLOCK_V})
     for acc, ptr in ((tl.float32, p32), (tl.float64, p64)):
         sig = {"rewards_ptr": ptr, "values_ptr": ptr, "mask_ptr": pu8, "cu_ptr": pi64, "adv_ptr": ptr,
                "ret_ptr": ptr, "gamma": "fp32", "log2_decay": "fp32", "ACC": "constexpr", "BLOCK": "constexpr"}

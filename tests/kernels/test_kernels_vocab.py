@@ -9,7 +9,11 @@ from kernel_strategies import DEVICE, logits_blocks
 
 from megaseg.kernels import kernels_mode
 from megaseg.parallel.spawn import run_distributed
-from megaseg.parallel.vocab_parallel import vocab_parallel_entropy, vocab_parallel_log_probs
+from megaseg.parallel.vocab_parallel import (
+    vocab_parallel_entropy,
+    vocab_parallel_log_probs,
+    vocab_parallel_log_probs_and_entropy,
+)
 
 
 def _float64_reference(logits: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor):
@@ -77,6 +81,30 @@ def test_tp1_kernels_match_torch_and_float64(block):
         assert torch.isfinite(actual).all(), f"{name} is not finite"
         _close(actual, reference, f"{name} vs float64", tolerance)
         _close(actual, torch_value, f"{name} vs the torch path", tolerance)
+
+
+@given(block=logits_blocks(max_rows=4, max_vocab=200), use=st.sampled_from(["both", "log_probs", "entropy"]))
+def test_fused_log_probs_and_entropy_equal_the_two_ops(block, use):
+    """One read and one backward pass for both outputs; the gradient of an unused output is skipped, not wrong."""
+    logits, tokens = block
+    weights = torch.linspace(-1, 2, logits.shape[0], device=logits.device)
+    leaf = logits.detach().clone().requires_grad_(True)
+    with kernels_mode("triton"):
+        log_probs, entropy = vocab_parallel_log_probs_and_entropy(leaf, tokens, None)
+    loss = {"both": (log_probs + 0.5 * entropy), "log_probs": log_probs, "entropy": entropy}[use]
+    (grad,) = torch.autograd.grad((loss * weights).sum(), leaf)
+    expected_entropy, expected_log_probs, entropy_grad, log_prob_grad = _float64_reference(logits, tokens,
+                                                                                           weights.cpu().double())
+    expected_grad = {"both": log_prob_grad + 0.5 * entropy_grad, "log_probs": log_prob_grad, "entropy": entropy_grad}
+    magnitude = float(logits[torch.isfinite(logits)].abs().max())
+    tolerance = 2e-5 * max(1.0, magnitude / 10)
+    _close(log_probs, expected_log_probs, "log_probs", tolerance)
+    _close(entropy, expected_entropy, "entropy", tolerance)
+    _close(grad, expected_grad[use], f"gradient of {use}", tolerance)
+    with kernels_mode("torch"):  # the torch path of the same function: the two separate ops
+        torch_log_probs, torch_entropy = vocab_parallel_log_probs_and_entropy(logits, tokens, None)
+    _close(log_probs, torch_log_probs, "log_probs vs torch", tolerance)
+    _close(entropy, torch_entropy, "entropy vs torch", tolerance)
 
 
 def test_bf16_logits_keep_their_dtype_in_the_gradient():
