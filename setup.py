@@ -37,11 +37,14 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=1.12", "flash-attn>=2.6"],
         "wandb": ["wandb>=0.17"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"],
         # The benchmarks' own loaders, for the tests of `megaseg generate` / `compare` (optional for users).
         # fastchat.llm_judge imports anthropic and accelerate without declaring them; alpaca_eval imports
         # pkg_resources, which setuptools removed in 81.
         "eval": ["alpaca_eval>=0.6", "fschat>=0.2.36", "anthropic", "accelerate", "setuptools<81"],
+        # The Triton kernels of megaseg/kernels (config `kernels: auto|triton|torch`). GPU torch wheels bring their
+        # own pinned triton; on CPU the tests run the kernels in Triton's interpreter (TRITON_INTERPRET=1).
+        "kernels": ["triton>=3.2"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "triton>=3.2"],
     },
     entry_points={"console_scripts": ["megaseg=megaseg.cli:main"]},
 )

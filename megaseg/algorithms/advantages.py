@@ -30,6 +30,7 @@ import torch
 from megaseg.algorithms.masking import zero_outside, zero_outside_
 from megaseg.algorithms.segments import INDEX_DTYPE
 from megaseg.algorithms.validation import check_2d, check_bool, check_contiguous, check_unit_interval, check_shape
+from megaseg.kernels.dispatch import use_triton
 
 # The [batch * seq / 32, 32] x [32, 32] local matmul plus the [n_blocks, n_blocks] carry was the fastest split on CPU at
 # seq 2048 (block 64: 1.5x slower, 16: about the same).
@@ -153,6 +154,10 @@ def gae(
     rewards, values = rewards.detach().to(dtype), values.detach().to(dtype)
     if contiguous:
         check_contiguous("mask", mask, validate)
+        if use_triton(rewards):  # megaseg.kernels.scan: one read of each input (the filter below is its reference)
+            from megaseg.kernels.scan import gae_padded
+
+            return gae_padded(rewards, values, mask, gamma, lam)
         v = zero_outside(values, mask)
         # delta = r + gamma * V_next - V, built in place; V_next is V one column on (0 after the run).
         delta = zero_outside(rewards, mask)

@@ -5,6 +5,9 @@ output at its last token, i.e. ``values`` where ``ends`` is True. Entries elsewh
 segment) are never read: they are masked with ``zero_outside`` (``torch.where`` for tensors that need a gradient), not
 multiplied by 0, so garbage or NaN there cannot leak into the result or its gradient.
 
+``aggregate_segment_rewards`` runs the Triton kernel ``megaseg.kernels.segment_reduce`` instead when the ``kernels``
+setting selects it for the tensor's device (``megaseg.kernels.dispatch``); the functions below are its reference.
+
 A pipeline that already packed its segment rewards with a ``SegmentLayout`` aggregates them with
 ``aggregate_packed_rewards`` instead of going back to the ``[batch, seq]`` layout.
 """
@@ -19,13 +22,18 @@ import torch.nn.functional as F
 from megaseg.algorithms.masking import zero_outside
 from megaseg.algorithms.segments import SegmentLayout, num_segments, pack_segment_ends, segment_positions
 from megaseg.algorithms.validation import check_choice, check_ends, check_finite, check_shape
+from megaseg.kernels.dispatch import use_triton
+
+
+def _check(values: torch.Tensor, ends: torch.Tensor, validate: bool) -> None:
+    check_ends(ends, None, validate)
+    check_shape("values", values, ends.shape, "ends")
+    check_finite("values at segment ends", values, where=ends, validate=validate)
 
 
 def _checked(values: torch.Tensor, ends: torch.Tensor, validate: bool) -> torch.Tensor:
     """Validate and return ``values`` zeroed outside the segment ends."""
-    check_ends(ends, None, validate)
-    check_shape("values", values, ends.shape, "ends")
-    check_finite("values at segment ends", values, where=ends, validate=validate)
+    _check(values, ends, validate)
     return zero_outside(values, ends)
 
 
@@ -74,6 +82,11 @@ def aggregate_segment_rewards(
 ) -> torch.Tensor:
     """``[batch]`` sequence evaluation e(x, y) with the aggregation named ``how`` (a key of ``AGGREGATIONS``)."""
     check_choice("aggregation", how, AGGREGATIONS)
+    if use_triton(values):
+        from megaseg.kernels.segment_reduce import aggregate_padded
+
+        _check(values, ends, validate)
+        return aggregate_padded(values, ends, how)
     return AGGREGATIONS[how](values, ends, validate=validate)
 
 

@@ -23,6 +23,7 @@ import torch
 from megaseg.algorithms.advantages import gae  # noqa: F401  (re-exported: part of this module's public API)
 from megaseg.algorithms.masking import count_true, zero_outside, zero_outside_
 from megaseg.algorithms.validation import check_bool, check_choice, check_shape
+from megaseg.kernels.dispatch import use_triton
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -107,6 +108,10 @@ def masked_moments(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """
     check_bool("mask", mask)
     check_shape("values", values, mask.shape, "mask")
+    if use_triton(values):  # megaseg.kernels.scan: one read, fp64 partial sums (the lines below are its reference)
+        from megaseg.kernels.scan import masked_moments as triton_masked_moments
+
+        return triton_masked_moments(values, mask)
     x = zero_outside(values.detach(), mask).double().flatten()
     return torch.stack([x.sum(), torch.dot(x, x), count_true(mask).double()])
 

@@ -50,6 +50,7 @@ from megaseg.algorithms.validation import (
     check_shape,
     check_unit_interval,
 )
+from megaseg.kernels.dispatch import use_triton
 
 # Every response starts at a multiple of this many slots; it is also the block of GAE's within-block matmul
 # ([slots / 16, 16] x [16, 16] was faster on CPU than blocks of 32 or 8 at 64 x 2048).
@@ -386,6 +387,10 @@ def gae(
     slots = responses.num_slots
     check_shape("rewards", rewards, (slots,), "the response slots")
     check_shape("values", values, (slots,), "the response slots")
+    if use_triton(rewards):  # megaseg.kernels.scan: a reverse scan per response (the lines below are its reference)
+        from megaseg.kernels.scan import gae_flat
+
+        return gae_flat(rewards, values, responses.real, responses.starts, gamma, lam)
     dtype = torch.promote_types(torch.promote_types(rewards.dtype, values.dtype), torch.float32)
     rewards, values = rewards.detach().to(dtype), values.detach().to(dtype)
     decay = gamma * lam

@@ -32,7 +32,7 @@ from megaseg.data.batch import SequenceBatch, collate_sequences
 from megaseg.data.encoding import TokenizedSequence
 from megaseg.models.pipeline import forward_only
 from megaseg.parallel.initialize import ParallelContext
-from megaseg.parallel.vocab_parallel import vocab_parallel_entropy, vocab_parallel_log_probs
+from megaseg.parallel.vocab_parallel import vocab_parallel_log_probs, vocab_parallel_log_probs_and_entropy
 
 LENGTH_MULTIPLE = 16
 # Micro-batches per pipeline-schedule call at most, so progress is reported at a useful granularity.
@@ -61,9 +61,12 @@ def next_token_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, tp_group
 
 def log_probs_and_entropy(logits: torch.Tensor, input_ids: torch.Tensor, tp_group: Any,
                           chunk_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token log-probs ``[b, S]`` token-aligned, position entropies ``[b, S]``) from one logits block."""
-    return (next_token_log_probs(logits, input_ids, tp_group, chunk_size),
-            vocab_parallel_entropy(logits, tp_group, chunk_size))
+    """(token log-probs ``[b, S]`` token-aligned, position entropies ``[b, S]``) from one logits block (one read of
+    it with the Triton kernels)."""
+    next_tokens = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)  # as in next_token_log_probs
+    log_probs, entropy = vocab_parallel_log_probs_and_entropy(logits, next_tokens, tp_group, chunk_size,
+                                                              validate=False)
+    return shift_right(log_probs), entropy
 
 
 def tensor_parallel_group(parallel_ctx: ParallelContext) -> Any:

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megaseg.config.parallel import ParallelConfig
+from megaseg.kernels.dispatch import select_kernels
 from megaseg.parallel.cpu_compat import apply_cpu_compat, is_cpu_only
 from megaseg.parallel.launch_env import LaunchEnv, read_launch_env
 
@@ -271,7 +272,9 @@ def initialize_parallel(
 def parallel_session(config: MegasegConfig, parallel_ctx: Optional[ParallelContext] = None
                      ) -> Iterator[ParallelContext]:
     """``parallel_ctx`` itself when given (the caller owns it and tears it down); else ``initialize_parallel`` from
-    the config's parallel section, seed and fp8, and ``destroy_parallel`` when the block exits, however it exits."""
+    the config's parallel section, seed and fp8, and ``destroy_parallel`` when the block exits, however it exits.
+    Every command starts here, so the config's ``kernels`` choice is applied here too."""
+    select_kernels(config.kernels)
     if parallel_ctx is not None:
         yield parallel_ctx
         return

@@ -22,6 +22,11 @@ shard all-reduces its input gradient itself, as with megatron's ``vocab_parallel
     d log p_tok / d z_v = 1[v == tok] - p_v
     d H / d z_v         = -p_v * (log p_v + H)
 
+With ``kernels`` selecting Triton (``megaseg.kernels.dispatch``), both ops read each logits shard once instead of
+twice: ``megaseg.kernels.vocab_partials`` gives per position the shard max ``m``, ``S = sum exp(z - m)``,
+``A = sum exp(z - m) (z - m)`` and the target logit, combined here by one MAX and one SUM all-reduce (each shard's sums
+rescaled by ``exp(m - M)``); the backward kernels recompute the probabilities, so nothing vocab-sized is stored.
+
 Indexing follows ``megaseg.algorithms.entropy``: ``logits[..., j, :]`` predicts token ``j + 1``; callers pass tokens
 already shifted. Every rank of ``tp_group`` must call these functions with the same leading shape and chunk size.
 """
@@ -32,6 +37,8 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+
+from megaseg.kernels.dispatch import use_triton
 
 # Target size of one fp32 [chunk, vocab / tp] work buffer when the caller does not choose one: the budget the dense
 # ``megaseg.algorithms.entropy`` uses for a full-vocabulary chunk. (Not imported from there: this module must not
@@ -166,6 +173,79 @@ class _VocabParallelTokenLogProbs(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+def _combine_partials(partials: torch.Tensor, tp_group: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-normalizer ``M + log S``, entropy ``log S - A / S``, target logit) ``[positions]`` from every shard's
+    ``shard_partials`` ``[positions, 4]`` (``m, S, A, z_target``): one MAX and one SUM all-reduce."""
+    shard_max = partials[:, 0]
+    row_max = shard_max.clone()
+    _all_reduce(row_max, dist.ReduceOp.MAX, tp_group)
+    offset = shard_max - row_max
+    scale = offset.exp()
+    sums = torch.stack([partials[:, 1] * scale, (partials[:, 2] + offset * partials[:, 1]) * scale, partials[:, 3]])
+    _all_reduce(sums, dist.ReduceOp.SUM, tp_group)
+    log_partition = sums[0].log()
+    return row_max + log_partition, log_partition - sums[1] / sums[0], sums[2]
+
+
+class _TritonVocabParallelEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, tp_group: Any) -> torch.Tensor:
+        from megaseg.kernels.vocab_partials import shard_partials
+
+        log_normalizer, entropy, _ = _combine_partials(shard_partials(flat), tp_group)
+        ctx.save_for_backward(flat, log_normalizer, entropy)
+        return entropy
+
+    @staticmethod
+    def backward(ctx, grad_entropy: torch.Tensor):
+        from megaseg.kernels.vocab_partials import shard_grad
+
+        flat, log_normalizer, entropy = ctx.saved_tensors
+        return shard_grad(flat, log_normalizer, entropy=entropy, grad_entropy=grad_entropy), None
+
+
+class _TritonVocabParallelTokenLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, tokens: torch.Tensor, vocab_start: int, tp_group: Any) -> torch.Tensor:
+        from megaseg.kernels.vocab_partials import shard_partials
+
+        log_normalizer, _, target = _combine_partials(shard_partials(flat, tokens, vocab_start), tp_group)
+        ctx.save_for_backward(flat, tokens, log_normalizer)
+        ctx.vocab_start = vocab_start
+        return target - log_normalizer
+
+    @staticmethod
+    def backward(ctx, grad_log_probs: torch.Tensor):
+        from megaseg.kernels.vocab_partials import shard_grad
+
+        flat, tokens, log_normalizer = ctx.saved_tensors
+        grad = shard_grad(flat, log_normalizer, tokens=tokens, vocab_start=ctx.vocab_start, grad_log_probs=grad_log_probs)
+        return grad, None, None, None
+
+
+class _TritonVocabParallelLogProbsAndEntropy(torch.autograd.Function):
+    """Both outputs from one read of the shard, and one backward pass for both gradients."""
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, tokens: torch.Tensor, vocab_start: int, tp_group: Any):
+        from megaseg.kernels.vocab_partials import shard_partials
+
+        log_normalizer, entropy, target = _combine_partials(shard_partials(flat, tokens, vocab_start), tp_group)
+        ctx.save_for_backward(flat, tokens, log_normalizer, entropy)
+        ctx.vocab_start = vocab_start
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: its term is skipped
+        return target - log_normalizer, entropy
+
+    @staticmethod
+    def backward(ctx, grad_log_probs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor]):
+        from megaseg.kernels.vocab_partials import shard_grad
+
+        flat, tokens, log_normalizer, entropy = ctx.saved_tensors
+        grad = shard_grad(flat, log_normalizer, tokens=tokens, vocab_start=ctx.vocab_start,
+                          grad_log_probs=grad_log_probs, entropy=entropy, grad_entropy=grad_entropy)
+        return grad, None, None, None
+
+
 def vocab_parallel_entropy(
     logits_shard: torch.Tensor, tp_group: Any, chunk_size: Optional[int] = None
 ) -> torch.Tensor:
@@ -174,14 +254,18 @@ def vocab_parallel_entropy(
     Args:
         logits_shard: ``[..., vocab / tp]`` this rank's slice of the logits (any float dtype; math in fp32).
         tp_group: the tensor-parallel process group the vocabulary is split over; None for no tensor parallelism.
-        chunk_size: positions per chunk; None picks ``default_chunk_size(vocab / tp)``.
+        chunk_size: positions per chunk of the torch path; None picks ``default_chunk_size(vocab / tp)`` (the Triton
+            path reads each row in blocks and needs no chunks).
 
     Returns:
         ``[...]`` fp32 entropies, identical on every rank of ``tp_group``; differentiable w.r.t. ``logits_shard``.
     """
     flat = _flatten(logits_shard)
     chunk = _resolve_chunk_size(chunk_size, flat.shape[1])
-    entropy = _VocabParallelEntropy.apply(flat, chunk, tp_group)
+    if use_triton(flat):
+        entropy = _TritonVocabParallelEntropy.apply(flat, tp_group)
+    else:
+        entropy = _VocabParallelEntropy.apply(flat, chunk, tp_group)
     return entropy.reshape(logits_shard.shape[:-1])
 
 
@@ -231,5 +315,31 @@ def vocab_parallel_log_probs(
     _check_tokens(tokens, logits_shard, local_vocab * tp_size, validate)
     vocab_start, _ = VocabUtility.vocab_range_from_per_partition_vocab_size(local_vocab, tp_rank, tp_size)
     chunk = _resolve_chunk_size(chunk_size, local_vocab)
-    log_probs = _VocabParallelTokenLogProbs.apply(flat, tokens.reshape(-1).long(), vocab_start, chunk, tp_group)
+    if use_triton(flat):
+        log_probs = _TritonVocabParallelTokenLogProbs.apply(flat, tokens.reshape(-1).long(), vocab_start, tp_group)
+    else:
+        log_probs = _VocabParallelTokenLogProbs.apply(flat, tokens.reshape(-1).long(), vocab_start, chunk, tp_group)
     return log_probs.reshape(tokens.shape)
+
+
+def vocab_parallel_log_probs_and_entropy(
+    logits_shard: torch.Tensor,
+    tokens: torch.Tensor,
+    tp_group: Any,
+    chunk_size: Optional[int] = None,
+    validate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(vocab_parallel_log_probs(...), vocab_parallel_entropy(...))`` of one logits shard: with the Triton kernels
+    both come from one read of the shard (and one backward pass); with torch they are the two functions above."""
+    if not use_triton(_flatten(logits_shard)):
+        return (vocab_parallel_log_probs(logits_shard, tokens, tp_group, chunk_size, validate),
+                vocab_parallel_entropy(logits_shard, tp_group, chunk_size))
+    from megatron.core.tensor_parallel.utils import VocabUtility
+
+    flat = _flatten(logits_shard)
+    tp_size, tp_rank = _group_size_and_rank(tp_group)
+    _check_tokens(tokens, logits_shard, flat.shape[1] * tp_size, validate)
+    vocab_start, _ = VocabUtility.vocab_range_from_per_partition_vocab_size(flat.shape[1], tp_rank, tp_size)
+    log_probs, entropy = _TritonVocabParallelLogProbsAndEntropy.apply(flat, tokens.reshape(-1).long(), vocab_start,
+                                                                      tp_group)
+    return log_probs.reshape(tokens.shape), entropy.reshape(tokens.shape)
