@@ -1,6 +1,6 @@
 """Which transformer implementation builds the layers: megatron-core's local modules or TransformerEngine's.
 
-The local spec (torch norms, DotProductAttention, megatron's own parallel linears) is the only one that works on a
+The local spec (torch norms, megatron's own parallel linears, core attention on torch's fused SDPA: models/attention.py) is the only one that works on a
 CPU; TransformerEngine needs CUDA and is the only way to FP8, sequence parallelism with RMSNorm and context
 parallelism. `model.transformer_impl=auto` picks TransformerEngine when it imports and a GPU is visible.
 """
@@ -18,6 +18,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megaseg.config.model import ModelConfig
+from megaseg.models.attention import SDPAttention
 
 TransformerImpl = Literal["local", "transformer_engine"]
 
@@ -60,4 +61,7 @@ def build_layer_spec(model_cfg: ModelConfig, impl: TransformerImpl) -> ModuleSpe
         # TE fuses the pre-attention / pre-MLP norms into its LayerNormLinear modules; FP8 is set on the config.
         return get_gpt_layer_with_transformer_engine_spec()
     # Told RMSNorm, the local spec uses torch's RMSNorm even where apex is installed (its FusedLayerNorm has none).
-    return get_gpt_layer_local_spec(normalization=model_cfg.normalization)
+    spec = get_gpt_layer_local_spec(normalization=model_cfg.normalization)
+    # Its attention through torch's fused scaled-dot-product kernel instead of megatron's unfused chain.
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from megaseg.algorithms.aggregation import aggregate_segment_rewards
 from megaseg.generation.rollout import generate_rollouts, rollout_generator
 from megaseg.parallel.collectives import sum_over_data_parallel
 from megaseg.training.ppo.experience import policy_log_probs_and_entropy
@@ -52,12 +51,9 @@ def evaluate_policy(run: "PPOTrainer", step: int) -> dict[str, float]:
     actions = rollout.response_mask
     kl = torch.where(actions, actor.log_probs - reference.log_probs, 0.0).sum(dim=1)
     ends = cut_segments(run.reward_plan, rollout, reference.entropy, sources.sentence_marker)
-    reward_ends, raw = score_segments(run.reward_plan, sources.scorer, rollout, ends)
-    normalized, _ = normalize_rewards(sources.normalizer, raw, reward_ends, actions)
-    if run.reward_plan.sequence_level:
-        scores = raw.sum(dim=1)
-    else:
-        scores = aggregate_segment_rewards(raw, reward_ends, run.reward_plan.aggregation)
+    scored = score_segments(run.reward_plan, sources.scorer, rollout, ends)
+    normalized, _ = normalize_rewards(sources.normalizer, scored)
+    scores = scored.evaluations
     local = torch.tensor([float(rollout.batch_size), float(scores.double().sum()), float(normalized.double().sum()),
                           float(kl.double().sum()), float(actions.sum()), float(rollout.eos_mask.any(dim=1).sum())],
                          dtype=torch.float64)

@@ -8,7 +8,8 @@
     interpolate        even / repeat / none, then clamp to [-reward_clip, reward_clip]
     advantages         minus kl_coef * KL per token, GAE (gamma, lambda), whitening over all data-parallel ranks
 
-Every tensor is ``[B, S]`` in token positions (megaseg.models.inference gives the alignment: log-probs at j are of
+The reward phases run on the unpadded response tokens (megaseg.training.ppo.reward_shaping); what the Experience
+keeps is padded back once. Every tensor of it is ``[B, S]`` in token positions (megaseg.models.inference gives the alignment: log-probs at j are of
 token j, entropies at j predict token j + 1, values at j are V(state before token j)), the same on every rank of a
 model-parallel group: the forwards run through the one frozen-model runner, whose last stage broadcasts its outputs
 to the earlier stages, so the reward phases run the same tensor code everywhere.
@@ -133,16 +134,17 @@ def make_experience(rollout: SequenceBatch, sources: ExperienceSources, plan: Re
         values = critic_values(sources.critic, rollout, parallel_ctx, micro_batch_size=micro)
     with timer.phase("score_segments"):
         ends = cut_segments(plan, rollout, reference.entropy, sources.sentence_marker)
-        reward_ends, raw = score_segments(plan, sources.scorer, rollout, ends)
+        scored = score_segments(plan, sources.scorer, rollout, ends)
     with timer.phase("normalize"):
-        normalized, positions = normalize_rewards(sources.normalizer, raw, reward_ends, action_mask)
+        normalized, positions = normalize_rewards(sources.normalizer, scored)
     with timer.phase("interpolate"):
-        token_level = interpolate_rewards(normalized, reward_ends, action_mask, plan.interpolation, ppo.reward_clip)
+        token_level = interpolate_rewards(normalized, scored, plan.interpolation, ppo.reward_clip)
     with timer.phase("advantages"):
-        rewards, kl = kl_penalized_rewards(token_level, actor.log_probs, reference.log_probs, action_mask, kl_coef,
-                                           ppo.kl_estimator)
-        advantages, returns = compute_advantages(rewards, values, action_mask, gamma=ppo.gamma, lam=ppo.lam,
-                                                 whiten=ppo.whiten_advantages, dp_group=parallel_ctx.dp_group)
+        rewards, kl = kl_penalized_rewards(token_level, actor.log_probs, reference.log_probs, scored.responses,
+                                           kl_coef, ppo.kl_estimator)
+        advantages, returns = compute_advantages(rewards, values, scored.responses, gamma=ppo.gamma, lam=ppo.lam,
+                                                 whiten=ppo.whiten_advantages, parallel_ctx=parallel_ctx)
+    pad = scored.responses.pad
     zero = torch.zeros((), dtype=values.dtype)
     return Experience(
         sequences=rollout, action_mask=action_mask,
@@ -150,5 +152,6 @@ def make_experience(rollout: SequenceBatch, sources: ExperienceSources, plan: Re
         ref_log_probs=torch.where(action_mask, reference.log_probs, zero),
         action_entropy=torch.where(action_mask, shift_right(actor.entropy), zero),
         ref_entropy=reference.entropy, values=torch.where(action_mask, values, zero), segment_ends=ends,
-        reward_ends=reward_ends, positions=positions, raw_rewards=raw, normalized_rewards=normalized,
-        token_rewards=token_level, kl=kl, rewards=rewards, advantages=advantages, returns=returns)
+        reward_ends=scored.reward_ends, positions=scored.padded(positions), raw_rewards=scored.padded(scored.raw),
+        normalized_rewards=scored.padded(normalized), token_rewards=pad(token_level), kl=pad(kl),
+        rewards=pad(rewards), advantages=pad(advantages), returns=pad(returns))

@@ -1,5 +1,8 @@
-"""The reward phases of the experience maker, on ``[B, S]`` tensors: segment -> score -> normalize -> interpolate ->
-clamp -> KL penalty -> GAE -> whitening. One function per phase; the math itself is megaseg.algorithms'.
+"""The reward phases of the experience maker: segment -> score -> normalize -> interpolate -> clamp -> KL penalty ->
+GAE -> whitening. One function per phase; the math itself is megaseg.algorithms'. Segments are cut on the padded
+``[B, S]`` rollout (one rule per mode); every later phase runs on the unpadded response tokens
+(megaseg.algorithms.unpadded: ``[slots]`` per token, ``[K]`` per segment), and the experience maker pads the results
+back once for the update and the logs.
 
 Conventions (docs/method.md, PPO section): only response tokens are actions; tokens after EOS
 are padding and get nothing; in segment/token/sentence/n-gram modes EOS is in no segment, so it gets only the KL
@@ -8,17 +11,20 @@ a truncated response).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol
+from dataclasses import dataclass
+from typing import Optional, Protocol
 
 import torch
-import torch.distributed as dist
 
-from megaseg.algorithms.aggregation import aggregate_segment_rewards
-from megaseg.algorithms.interpolation import token_rewards
+from megaseg.algorithms.aggregation import AGGREGATIONS
 from megaseg.algorithms.normalizer import Normalizer
-from megaseg.algorithms.ppo import gae, kl_penalty, masked_moments, masked_whiten
-from megaseg.algorithms.segmentation import last_response_token, segment_ends, segment_positions
+from megaseg.algorithms.ppo import kl_penalty, masked_moments, masked_whiten
+from megaseg.algorithms.segmentation import segment_ends
+from megaseg.algorithms.unpadded import UnpaddedResponses, UnpaddedSegments, gae, normalize
+from megaseg.algorithms.validation import check_choice
 from megaseg.data.batch import SequenceBatch
+from megaseg.parallel.collectives import sum_over_data_parallel
+from megaseg.parallel.initialize import ParallelContext
 from megaseg.training.ppo.reward_plan import RewardPlan
 
 
@@ -53,65 +59,90 @@ def cut_segments(plan: RewardPlan, sequences: SequenceBatch, entropy: Optional[t
                         n=seg.ngram_size if seg.mode == "ngram" else None, token_texts=marks)
 
 
+@dataclass(frozen=True, eq=False)
+class ScoredSegments:
+    """The reward model's output on a rollout batch, on unpadded response tokens (megaseg.algorithms.unpadded).
+
+    ``reward_segments`` are where the rewards sit: the segments themselves for per-segment granularities, one segment
+    per response ending on its last token for sequence-level ones; ``raw`` ``[K]`` is the reward of each, response by
+    response; ``evaluations`` ``[B]`` is e(x, y) of each response (``plan.aggregation`` of its segment rewards).
+    """
+
+    responses: UnpaddedResponses
+    segment_ends: torch.Tensor          # [B, S] bool, the segments the reward model scored
+    reward_segments: UnpaddedSegments
+    raw: torch.Tensor                   # [K] fp32
+    evaluations: torch.Tensor           # [B] fp32
+
+    def padded(self, per_segment: torch.Tensor) -> torch.Tensor:
+        """``[B, S]``: ``per_segment`` ``[K]`` at the reward positions, 0 elsewhere."""
+        slots = per_segment.new_zeros(self.responses.num_slots).index_copy_(0, self.reward_segments.end_at,
+                                                                             per_segment)
+        return self.responses.pad(slots)
+
+    @property
+    def reward_ends(self) -> torch.Tensor:
+        """``[B, S]`` bool: where the rewards sit."""
+        ends = torch.zeros(self.responses.num_slots, dtype=torch.bool, device=self.raw.device)
+        return self.responses.pad(ends.index_fill_(0, self.reward_segments.end_at, True))
+
+
+def evaluate_responses(segment_rewards: torch.Tensor, segments: UnpaddedSegments, how: str) -> torch.Tensor:
+    """``[B]`` e(x, y): the aggregation ``how`` (megaseg.algorithms.aggregation's names) of each response's segment
+    rewards ``[K]``."""
+    check_choice("aggregation", how, AGGREGATIONS)
+    if how == "last":
+        return segment_rewards.index_select(0, segments.num_segments.cumsum(0) - 1)
+    return torch.segment_reduce(segment_rewards, how, lengths=segments.num_segments)
+
+
 def score_segments(plan: RewardPlan, scorer: SegmentScorer, sequences: SequenceBatch,
-                   segment_ends_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(reward_ends ``[B, S]`` bool, raw rewards ``[B, S]`` fp32 at reward_ends, 0 elsewhere).
-
-    Per-segment granularities: the scorer's value at each segment end. Sequence-level: e(x, y), the aggregation of
-    the segment rewards (for bandit the single segment's reward itself), on the last response token.
-    """
-    values = scorer(sequences, segment_ends_mask).float()
-    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+                   segment_ends_mask: torch.Tensor) -> ScoredSegments:
+    """The reward model at the segment ends ``[B, S]``: per-segment granularities keep each segment's reward;
+    sequence-level ones put e(x, y) (for bandit the single segment's reward itself) on the last response token."""
+    responses = UnpaddedResponses.from_masks(sequences.response_mask, sequences.eos_mask)
+    segments = UnpaddedSegments.from_ends(responses.unpad(segment_ends_mask), responses)
+    per_segment = segments.at_ends(scorer(sequences, segment_ends_mask).float())
+    evaluations = evaluate_responses(per_segment, segments, plan.aggregation)
     if not plan.sequence_level:
-        return segment_ends_mask, torch.where(segment_ends_mask, values, zero)
-    sequence_reward = aggregate_segment_rewards(values, segment_ends_mask, plan.aggregation)  # [B]
-    last = last_response_token(sequences.response_mask)
-    return last, torch.where(last, sequence_reward[:, None], zero)
+        return ScoredSegments(responses, segment_ends_mask, segments, per_segment, evaluations)
+    last = torch.zeros(responses.num_slots, dtype=torch.bool, device=per_segment.device)
+    one_per_response = UnpaddedSegments.from_ends(last.index_fill_(0, responses.last, True), responses)
+    return ScoredSegments(responses, segment_ends_mask, one_per_response, evaluations, evaluations)
 
 
-def normalize_rewards(normalizer: Normalizer, raw_rewards: torch.Tensor, reward_ends: torch.Tensor,
-                      response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(normalized rewards at reward_ends ``[B, S]``, locations p ``[B, S]``), 0 elsewhere.
-
-    p = (t + 1) / T at the end of segment t of T (a sequence-level reward is one segment: p = 1).
-    """
-    positions = segment_positions(reward_ends, response_mask)
-    return normalizer(raw_rewards, positions), positions
+def normalize_rewards(normalizer: Normalizer, scored: ScoredSegments) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalized rewards ``[K]``, locations p ``[K]``): p = (t + 1) / T at segment t of T (a sequence-level reward
+    is one segment: p = 1)."""
+    segments = scored.reward_segments
+    return normalize(normalizer, scored.raw, segments), segments.positions()
 
 
-def interpolate_rewards(normalized: torch.Tensor, reward_ends: torch.Tensor, response_mask: torch.Tensor,
-                        mode: str, clip: float) -> torch.Tensor:
-    """``[B, S]`` per-token rewards: the segment rewards spread by ``mode`` (even / repeat / none), then clamped to
-    [-clip, clip]. Tokens in no segment (prompt, padding, EOS in segment modes) get 0."""
-    spread = token_rewards(normalized, reward_ends, response_mask, mode)
-    return spread.clamp(-clip, clip)
+def interpolate_rewards(normalized: torch.Tensor, scored: ScoredSegments, mode: str, clip: float) -> torch.Tensor:
+    """``[slots]`` per-token rewards: the segment rewards spread by ``mode`` (even / repeat / none), then clamped to
+    [-clip, clip]. Tokens in no segment (EOS in segment modes, the pad slots) get 0."""
+    return scored.reward_segments.token_rewards(normalized, mode).clamp_(-clip, clip)
 
 
 def kl_penalized_rewards(token_level: torch.Tensor, log_probs: torch.Tensor, ref_log_probs: torch.Tensor,
-                         action_mask: torch.Tensor, kl_coef: float, estimator: str
+                         responses: UnpaddedResponses, kl_coef: float, estimator: str
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rewards ``[B, S]`` = token rewards - kl_coef * KL on actions and 0 elsewhere, KL ``[B, S]`` on actions)."""
-    zero = torch.zeros((), dtype=token_level.dtype, device=token_level.device)
-    kl = torch.where(action_mask, kl_penalty(log_probs, ref_log_probs, estimator), zero)
-    return torch.where(action_mask, token_level - kl_coef * kl, zero), kl
+    """(rewards ``[slots]`` = token rewards - kl_coef * KL, KL ``[slots]``) from the ``[B, S]`` log-probs of the
+    actions; 0 in the pad slots."""
+    kl = kl_penalty(responses.unpad(log_probs), responses.unpad(ref_log_probs), estimator).mul_(responses.real_float)
+    return token_level - kl_coef * kl, kl
 
 
-def all_reduced_moments(values: torch.Tensor, mask: torch.Tensor, dp_group: Any) -> torch.Tensor:
-    """``masked_moments`` summed over the data-parallel group: statistics of the whole rollout batch."""
-    moments = masked_moments(values, mask)
-    if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
-        dist.all_reduce(moments, op=dist.ReduceOp.SUM, group=dp_group)
-    return moments
-
-
-def compute_advantages(rewards: torch.Tensor, values: torch.Tensor, action_mask: torch.Tensor, *, gamma: float,
-                       lam: float, whiten: bool, dp_group: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages, returns) ``[B, S]`` by GAE over the actions; the advantages whitened with the mean/std of the
-    whole rollout batch (every data-parallel rank) when ``whiten``. Returns are not whitened (the critic's target)."""
-    # The actions of a row are its response: one contiguous run, so GAE needs no compaction (same result, half the
-    # time); the run is checked on the way in.
-    advantages, returns = gae(rewards, values, action_mask, gamma, lam, contiguous=True)
+def compute_advantages(rewards: torch.Tensor, values: torch.Tensor, responses: UnpaddedResponses, *, gamma: float,
+                       lam: float, whiten: bool, parallel_ctx: Optional[ParallelContext]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) ``[slots]`` by GAE over each response (``values`` ``[B, S]``); the advantages whitened
+    with the mean/std of the whole rollout batch (every data-parallel rank) when ``whiten``. Returns are not whitened
+    (the critic's target)."""
+    advantages, returns = gae(rewards, responses.unpad(values), responses, gamma, lam)
     if whiten:
-        advantages = masked_whiten(advantages, action_mask,
-                                   moments=all_reduced_moments(advantages, action_mask, dp_group))
+        moments = masked_moments(advantages, responses.real)
+        if parallel_ctx is not None:
+            moments = sum_over_data_parallel(moments, parallel_ctx)
+        advantages = masked_whiten(advantages, responses.real, moments=moments)
     return advantages, returns
