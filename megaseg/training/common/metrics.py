@@ -11,7 +11,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Optional
 
 from megaseg.config.training import LoggingConfig
 from megaseg.progress import format_duration
@@ -43,10 +43,11 @@ class PhaseTimer:
 
 
 class RunLogger:
-    """Logs scalar metrics per step and prints `step i/N | loss .. | tok/s .. | elapsed .. | ETA ..`."""
+    """Logs scalar metrics per step and prints `step i/N | loss .. | tok/s .. | elapsed .. | ETA ..`; on a terminal
+    a tqdm bar of the steps (rate, ETA) stays under those lines. ``bar``: force it on or off (None: a TTY decides)."""
 
     def __init__(self, logging_config: LoggingConfig, total_steps: int, *, is_main: bool = True,
-                 run_config: object = None, start_step: int = 0, stream=None) -> None:
+                 run_config: object = None, start_step: int = 0, stream=None, bar: Optional[bool] = None) -> None:
         self.config = logging_config
         self.total_steps = total_steps
         self.is_main = is_main
@@ -57,8 +58,14 @@ class RunLogger:
         self._tensorboard = None
         self._wandb_run = None
         self._metrics_file = None
+        self._bar = None
         if not is_main:
             return
+        if bar if bar is not None else bool(getattr(self._stream, "isatty", lambda: False)()):
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=self._stream,
+                             dynamic_ncols=True)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         # Appending keeps one history across resumes; a resumed run re-logs nothing before start_step.
         self._metrics_file = (self.out_dir / METRICS_FILE_NAME).open("a", encoding="utf-8")
@@ -91,8 +98,18 @@ class RunLogger:
                 self._tensorboard.add_scalar(name, value, step)
         if self._wandb_run is not None:
             self._wandb_run.log(scalars, step=step)
-        if prefix == "train" and (step % self.config.log_every == 0 or step == self.total_steps):
-            print(self.progress_line(step, metrics), file=self._stream, flush=True)
+        if prefix != "train":
+            return
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+        if step % self.config.log_every == 0 or step == self.total_steps:
+            self._print(self.progress_line(step, metrics))
+
+    def _print(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text, file=self._stream)  # above the bar, which redraws under it
+        else:
+            print(text, file=self._stream, flush=True)
 
     def progress_line(self, step: int, metrics: Mapping[str, float]) -> str:
         elapsed = time.perf_counter() - self._start_time
@@ -104,9 +121,12 @@ class RunLogger:
 
     def message(self, text: str) -> None:
         if self.is_main:
-            print(text, file=self._stream, flush=True)
+            self._print(text)
 
     def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         if self._metrics_file is not None:
             self._metrics_file.close()
         if self._tensorboard is not None:

@@ -52,3 +52,28 @@ def test_phase_timer_accumulates_and_resets():
     seconds = timer.pop()
     assert set(seconds) == {"rollout"} and seconds["rollout"] >= 0
     assert timer.pop() == {}
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_gets_a_step_bar_under_the_progress_lines(tmp_path):
+    terminal = _Terminal()
+    logger = RunLogger(LoggingConfig(out_dir=str(tmp_path), tensorboard=False, log_every=1), total_steps=3,
+                       stream=terminal, start_step=1)
+    logger.message("resumed at step 1")
+    for step in (2, 3):
+        logger.log(step, {"loss": 0.5})
+    assert logger._bar.n == 3
+    logger.close()
+    shown = terminal.getvalue()
+    # tqdm's redraws (carriage returns) carry the bar: steps done of the total, with the rate; the lines stay whole.
+    assert "3/3" in shown and "step/s" in shown.replace("s/step", "step/s")
+    assert "resumed at step 1\n" in shown and "step 2/3 | loss 0.5" in shown and "step 3/3 | loss 0.5" in shown
+    plain = io.StringIO()  # not a terminal (a log file, a Slurm job's output): plain lines only
+    logger = RunLogger(LoggingConfig(out_dir=str(tmp_path / "log"), tensorboard=False), total_steps=1, stream=plain)
+    logger.log(1, {"loss": 0.5})
+    logger.close()
+    assert "\r" not in plain.getvalue() and plain.getvalue().startswith("step 1/1 | loss 0.5")
