@@ -17,6 +17,11 @@ difficulty and a regularisation towards two "gamed" baselines, both estimated fr
 AlpacaEval instructions that alpaca_eval downloads from the Hugging Face hub; neither exists for a reward-model
 judge on arbitrary prompts. The test checks this function against alpaca_eval's own on the same inputs.
 
+The reward model: a megaseg reward-model directory (`megaseg train-rm`), or a Hugging Face
+``*ForSequenceClassification`` directory (an ordinary sequence-level reward model, e.g. one from RewardBench), which
+scores each conversation rendered with its own chat template (``score_with_hf_classifier``). A megaseg reward model
+exported to Hugging Face is a token classifier whose score needs megaseg's segmentation: pass its megaseg directory.
+
 Inputs: answer files as `megaseg generate` writes them (an AlpacaEval outputs list, an MT-Bench or Arena-Hard
 model_answer .jsonl; megaseg.evaluation.benchmarks.read_answer_file). AlpacaEval outputs carry their instruction;
 MT-Bench / Arena-Hard answers carry question ids, whose prompts come from ``--prompts`` (default: the shipped set of
@@ -157,10 +162,56 @@ def pair_answers(config: MegasegConfig, answers_path: str, baseline_path: str) -
     return bench, comparisons, unmatched
 
 
+HF_CONFIG_FILE = "config.json"
+
+
+def is_hf_sequence_classifier(path: Path) -> bool:
+    """A Hugging Face directory of a ``*ForSequenceClassification`` model (an ordinary sequence-level reward model)."""
+    config_file = Path(path) / HF_CONFIG_FILE
+    if not config_file.is_file():
+        return False
+    try:
+        architectures = json.loads(config_file.read_text()).get("architectures") or []
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_file} is not valid JSON ({error})") from None
+    return any(name.endswith("ForSequenceClassification") for name in architectures)
+
+
+def score_with_hf_classifier(path: Path, comparisons: list[Comparison], max_length: int
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``score_comparisons`` for a Hugging Face sequence classifier: each conversation (user prompt, assistant
+    answer) rendered with the model's own chat template, truncated to ``max_length`` tokens from the left of the
+    prompt, scored by the model's first logit (transformers reads it at the last token). One process, CPU or the
+    first GPU."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.chat_template is None:
+        raise ValueError(f"--reward-model {path}: its tokenizer has no chat template to render the conversations")
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    scores, tokens = np.zeros((len(comparisons), 2)), np.zeros((len(comparisons), 2), dtype=np.int64)
+    with torch.no_grad():
+        for index, comparison in enumerate(comparisons):
+            for side, answer in enumerate((comparison.model_answer, comparison.baseline_answer)):
+                ids = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": comparison.prompt}, {"role": "assistant", "content": answer}],
+                    tokenize=True, return_dict=False)
+                ids = list(ids)[-max_length:]
+                scores[index, side] = float(model(torch.tensor([ids], device=device)).logits[0, 0])
+                tokens[index, side] = len(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    return scores[:, 0], scores[:, 1], tokens[:, 0], tokens[:, 1]
+
+
 def score_comparisons(config: MegasegConfig, explicit_keys: frozenset[str], comparisons: list[Comparison],
                       source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(model scores [N], baseline scores [N], model token counts [N], baseline token counts [N]): e(x, y) of each
-    answer by the reward model, through eval-rm's scoring (its config, segmentation cache and aggregation). Collective."""
+    answer by the reward model, through eval-rm's scoring (its config, segmentation cache and aggregation); or, for a
+    Hugging Face sequence classifier, its score of each conversation. Collective."""
+    if config.rm.checkpoint is not None and is_hf_sequence_classifier(Path(config.rm.checkpoint)):
+        return score_with_hf_classifier(Path(config.rm.checkpoint), comparisons, config.data.max_length)
     from megaseg.data.encoding import encode_preference_pairs
     from megaseg.data.preference import PreferencePair
     from megaseg.parallel import parallel_session

@@ -149,3 +149,43 @@ def test_arena_hard_answers_pair_by_question_id(tmp_path):
     alpaca.write_text(json.dumps([{"instruction": "x", "output": "y", "generator": "c"}]))
     with pytest.raises(ValueError, match="holds arena_hard answers but --baseline .* holds alpaca_eval"):
         pair_answers(load_config(None, []), str(a), str(alpaca))
+
+
+def test_a_hugging_face_sequence_classifier_judges_too(tmp_path_factory, tmp_path):
+    """An ordinary HF reward model (``*ForSequenceClassification``) scores each conversation with its own chat
+    template; the win rate and margin equal those of the model's own forward on the same conversations."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from material import smollm2_tokenizer_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir(tmp_path_factory)))
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, num_labels=1,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)).eval()
+    rm_dir = tmp_path / "hf_rm"
+    model.save_pretrained(str(rm_dir))
+    tokenizer.save_pretrained(str(rm_dir))
+    items = _hh_items(NUM_ITEMS)
+    model_file, baseline_file = tmp_path / "model.json", tmp_path / "baseline.json"
+    for path, side in ((model_file, 1), (baseline_file, 2)):
+        path.write_text(json.dumps([{"instruction": item[0], "output": item[side], "generator": "x", "dataset": "hh"}
+                                    for item in items]))
+    result = run_cli("compare", "--answers", str(model_file), "--baseline", str(baseline_file), "--reward-model",
+                     str(rm_dir), "compare.num_bootstrap=200")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = last_json_line(result.stdout)
+
+    def score(question, answer):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": question},
+                                              {"role": "assistant", "content": answer}], tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            return float(model(ids).logits[0, 0])
+
+    margins = np.array([score(q, a) - score(q, b) for q, a, b in items])
+    assert summary["num_comparisons"] == NUM_ITEMS
+    assert summary["win_rate"] == pytest.approx(100 * ((margins > 0) + 0.5 * (margins == 0)).mean())
+    assert summary["mean_margin"] == pytest.approx(margins.mean(), rel=1e-4, abs=1e-6)
