@@ -25,6 +25,7 @@ class Flag:
     # A dotted config key the flag sets; None passes the value to the command's function as a keyword argument.
     config_key: Optional[str] = None
     type: Callable = str
+    is_switch: bool = False  # a flag without a value (store_true), passed as a keyword argument
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class Command:
     # A YAML shipped in the megaseg package (path relative to it) used when no --config is given, so that the
     # command's own defaults sit under the command-line overrides (the quickstart's embedded config).
     default_config: Optional[str] = None
+    # Pass the --config path to the function as `config_path` (a command that reads the file's header comments).
+    wants_config_path: bool = False
 
     def default_config_path(self) -> Optional[str]:
         if self.default_config is None:
@@ -106,6 +109,14 @@ COMMANDS: tuple[Command, ...] = (
              Flag("--out", "output directory"),
              Flag("--tp", "tensor-parallel size of the output", type=int),
              Flag("--pp", "pipeline-parallel size of the output", type=int))),
+    Command("plan", "megaseg.planning.plan:plan_command",
+            "per-rank GPU memory of a train-rm / train-ppo / train-dpo config: fits or not, and layouts that fit",
+            (Flag("--trainer", "train-rm | train-ppo | train-dpo (default: the config's `# hardware:` header)"),
+             Flag("--gpu-memory-gib", "memory per GPU (default: header, else 80)", type=float),
+             Flag("--gpus-per-node", "GPUs per node (default: header, else 8)", type=int),
+             Flag("--nodes", "nodes (default: header, else 1)", type=int),
+             Flag("--json", "print one JSON object", is_switch=True)),
+            wants_config_path=True),
 )
 
 
@@ -120,7 +131,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", help=config_help)
         sub.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         for flag in command.flags:
-            sub.add_argument(flag.option, help=flag.help, type=flag.type)
+            if flag.is_switch:
+                sub.add_argument(flag.option, help=flag.help, action="store_true", default=None)
+            else:
+                sub.add_argument(flag.option, help=flag.help, type=flag.type)
         sub.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return parser
 
@@ -158,6 +172,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.print_config:
         print(config_to_yaml(config), end="")
         return 0
+    if command.wants_config_path:
+        kwargs["config_path"] = config_path
     try:
         return int(resolve_target(command)(config, explicit_keys=given, **kwargs) or 0)
     except ValueError as error:

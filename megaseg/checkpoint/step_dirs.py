@@ -47,7 +47,9 @@ from megaseg.atomic_io import replace_dir, write_json_atomic, write_text_atomic
 from megaseg.config import MegasegConfig, save_config
 from megaseg.config.model import ModelConfig
 from megaseg.models.architecture import architecture_differences, model_architecture
+from megaseg.models.optimizer import load_optimizer_state, prepare_state_for_loading
 from megaseg.parallel.collectives import barrier, is_rank_zero, rank, world_size
+from megaseg.parallel.cpu_compat import cuda_device_redirect
 
 STEP_DIR_PATTERN = re.compile(r"^step_(\d+)$")
 LATEST_FILE = "latest"
@@ -167,7 +169,15 @@ def _sharded_state(model: torch.nn.Module, optimizer: Any, *, is_loading: bool,
         # The Adam state is keyed per layer: under layer-stacked keys a partly frozen model (rm.train_top_layers)
         # would cover only some layers of a stacked tensor with optimizer state, which dist_checkpointing refuses.
         per_layer = unwrap(model).sharded_state_dict(metadata={"non_homogeneous_layers": True})
-        state["optimizer"] = optimizer.sharded_state_dict(per_layer, is_loading=is_loading)
+        # The distributed optimizer's state in megatron's "fully_reshardable" form: gathered into per-parameter
+        # tensors shaped like the weights, so it loads at any TP/PP/DP layout (0.16's default,
+        # fully_sharded_model_space, needs ShardedTensor.flattened_range, which its dist_checkpointing refuses).
+        # The plain optimizer ignores the key. The gather moves its buffers with .cuda(): redirected on CPU.
+        if is_loading:
+            prepare_state_for_loading(optimizer)
+        with cuda_device_redirect():
+            state["optimizer"] = optimizer.sharded_state_dict(
+                per_layer, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     return state
 
 
@@ -214,7 +224,7 @@ def load_model_state(state_dir: Path, *, model: torch.nn.Module, model_cfg: Mode
     if optimizer is not None:
         if "optimizer" not in loaded:
             raise ValueError(f"{state_dir} holds no optimizer state; load it without an optimizer (weights only)")
-        optimizer.load_state_dict(loaded["optimizer"])
+        load_optimizer_state(optimizer, loaded["optimizer"])
     if scheduler is not None:
         if "scheduler" not in common:
             raise ValueError(f"{state_dir} holds no LR-schedule state; load it without a scheduler")

@@ -14,6 +14,9 @@ TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 FP8_FORMATS = ("e4m3", "hybrid")
 # megatron-core Fp8Recipe names that need no extra objects ("custom" needs a quantizer factory megaseg does not build).
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+# megatron-core's activation recompute (TransformerConfig fields of the same names).
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,18 @@ class ModelConfig:
     fp8: Optional[str] = None
     fp8_recipe: str = "delayed"
     reward_head_dtype: str = "float32"
+    # Activation recompute for every trained model built from this config (actor, critic, reward model, DPO
+    # policy; frozen models run without autograd and store nothing). None: keep every activation. "selective":
+    # recompute the core attention (softmax, its dropout, the attention-weighted values) of every layer in backward,
+    # Korthikanti et al. 2022's choice. "full": keep only each recompute unit's input and rerun the layers in backward;
+    # needs recompute_method ("uniform": units of recompute_num_layers layers; "block": the first
+    # recompute_num_layers layers of each pipeline stage) and recompute_num_layers.
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
 
     def __post_init__(self) -> None:
+        self._check_recompute()
         check_choice("model.family", self.family, MODEL_FAMILIES)
         check_choice("model.normalization", self.normalization, NORMALIZATIONS)
         check_choice("model.activation", self.activation, ACTIVATIONS)
@@ -79,3 +92,26 @@ class ModelConfig:
             raise ValueError(
                 f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
                 f"model.num_query_groups={self.num_query_groups}")
+
+    def _check_recompute(self) -> None:
+        if self.recompute_granularity is None:
+            if self.recompute_method is not None or self.recompute_num_layers is not None:
+                raise ValueError(
+                    f"model.recompute_method={self.recompute_method!r} / model.recompute_num_layers="
+                    f"{self.recompute_num_layers!r} are set but model.recompute_granularity is null; set "
+                    "model.recompute_granularity=full (or drop them)")
+            return
+        check_choice("model.recompute_granularity", self.recompute_granularity, RECOMPUTE_GRANULARITIES)
+        if self.recompute_granularity == "selective":
+            if self.recompute_method is not None or self.recompute_num_layers is not None:
+                raise ValueError(
+                    "model.recompute_granularity=selective recomputes the core attention of every layer; "
+                    "model.recompute_method and model.recompute_num_layers must be null (they choose layers for full "
+                    "recompute)")
+            return
+        if self.recompute_method is None or self.recompute_num_layers is None:
+            raise ValueError(
+                "model.recompute_granularity=full needs model.recompute_method (uniform or block) and "
+                "model.recompute_num_layers (e.g. recompute_method=uniform recompute_num_layers=1: every layer)")
+        check_choice("model.recompute_method", self.recompute_method, RECOMPUTE_METHODS)
+        check_positive("model.recompute_num_layers", self.recompute_num_layers)

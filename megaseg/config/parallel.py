@@ -24,3 +24,10 @@ class ParallelConfig:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
                      "distributed_timeout_minutes"):
             check_positive(f"parallel.{name}", getattr(self, name))
+        if self.context_parallel_size > 1:
+            # Nothing in megaseg splits sequences across ranks yet (batches, losses, generation and the segment
+            # passes all assume whole sequences per rank): accepting it would train on wrong results silently.
+            raise ValueError(
+                f"parallel.context_parallel_size={self.context_parallel_size}: context parallelism is not supported "
+                "yet (nothing splits sequences across ranks); set parallel.context_parallel_size=1 and use tensor, "
+                "pipeline or data parallelism (`megaseg plan` proposes layouts that fit)")

@@ -23,6 +23,10 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     # Max global gradient norm; 0 disables clipping.
     grad_clip: float = 1.0
+    # Megatron's distributed optimizer (ZeRO-1: the fp32 main weights and Adam moments sharded over the
+    # data-parallel ranks, gradients reduce-scattered, weights all-gathered after the step). None: on wherever
+    # data parallelism > 1 on GPUs, off on CPU; true/false force it.
+    use_distributed_optimizer: Optional[bool] = None
 
     def __post_init__(self) -> None:
         check_positive("optimizer.lr", self.lr)

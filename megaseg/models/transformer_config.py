@@ -46,6 +46,11 @@ def check_parallel_layout(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, 
         raise ValueError(
             f"model.num_layers={model_cfg.num_layers} is not divisible by parallel.pipeline_model_parallel_size={pp}; "
             "choose a pipeline-parallel size that divides the number of layers")
+    if model_cfg.recompute_granularity == "full" and model_cfg.recompute_num_layers > model_cfg.num_layers // pp:
+        raise ValueError(
+            f"model.recompute_num_layers={model_cfg.recompute_num_layers} exceeds the "
+            f"{model_cfg.num_layers // pp} layers of a pipeline stage (model.num_layers={model_cfg.num_layers} / "
+            f"parallel.pipeline_model_parallel_size={pp}); choose at most that many")
     on_cpu = not torch.cuda.is_available()
     if parallel_cfg.sequence_parallel:
         if on_cpu:
@@ -58,10 +63,6 @@ def check_parallel_layout(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, 
                 "it); set model.transformer_impl=transformer_engine or parallel.sequence_parallel=false")
         if tp == 1:
             raise ValueError("parallel.sequence_parallel=True needs parallel.tensor_model_parallel_size > 1")
-    if parallel_cfg.context_parallel_size > 1 and impl != "transformer_engine":
-        raise ValueError(
-            f"parallel.context_parallel_size={parallel_cfg.context_parallel_size} needs TransformerEngine attention "
-            "(megatron's local DotProductAttention has no context parallelism); set it to 1")
 
 
 def _activation(model_cfg: ModelConfig) -> tuple[Any, bool]:
@@ -120,6 +121,9 @@ def build_transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfi
         fp8=model_cfg.fp8,
         fp8_recipe=model_cfg.fp8_recipe,
         transformer_impl=impl,
+        recompute_granularity=model_cfg.recompute_granularity,
+        recompute_method=model_cfg.recompute_method,
+        recompute_num_layers=model_cfg.recompute_num_layers,
     )
     return TransformerConfig(**_known_fields(kwargs))
 

@@ -236,6 +236,12 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # The distributed optimizer sorts parameters by their type *name* and refuses anything but
+            # 'torch.cuda.{Float,Half,BFloat16}Tensor' (DistributedOptimizer._build_model_and_main_param_groups):
+            # answer a CPU tensor's name as its CUDA twin's. Only the no-argument query; .type(dtype) converts.
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         if func is torch.device:
             # torch.device("cuda"), torch.device("cuda", 1): the constructor itself goes through the mode.
             device_type = args[0] if args else kwargs.get("type")

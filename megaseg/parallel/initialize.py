@@ -116,12 +116,6 @@ def check_hardware_support(parallel_cfg: ParallelConfig, fp8: Optional[str]) -> 
             "parallel.sequence_parallel=true needs CUDA (megatron's torch LayerNorm refuses it on CPU); "
             "set parallel.sequence_parallel=false on this CPU-only machine"
         )
-    if parallel_cfg.context_parallel_size > 1:
-        # megatron's local DotProductAttention asserts context_parallel_size == 1; only TE attention splits sequences.
-        raise ValueError(
-            f"parallel.context_parallel_size={parallel_cfg.context_parallel_size} needs TransformerEngine attention "
-            "on CUDA; set parallel.context_parallel_size=1 on this CPU-only machine"
-        )
     if fp8 is not None:
         raise ValueError(
             f"model.fp8={fp8!r} needs a CUDA GPU with TransformerEngine; set model.fp8=null on this CPU-only machine"

@@ -47,7 +47,6 @@ def test_layouts_that_do_not_split(model_changes, parallel, message):
      r"parallel.sequence_parallel=True is not possible on a CPU-only machine.*sequence_parallel=false"),
     ({"transformer_impl": "transformer_engine"}, _parallel(),
      r"model.transformer_impl='transformer_engine' needs a CUDA GPU.*transformer_impl=local"),
-    ({}, _parallel(context_parallel_size=2), r"parallel.context_parallel_size=2 needs TransformerEngine attention"),
 ])
 def test_gpu_only_features_are_refused_on_cpu(model_changes, parallel, message):
     with pytest.raises(ValueError, match=message):

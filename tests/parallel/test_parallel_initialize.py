@@ -29,7 +29,7 @@ def test_size_mismatch_names_every_number():
         initialize_parallel(cfg, seed=0, env=FOUR_RANKS)
 
 
-@pytest.mark.parametrize("tp, pp, cp, world, dp", [(1, 1, 1, 1, 1), (2, 1, 1, 4, 2), (2, 2, 1, 8, 2), (1, 2, 2, 4, 1)])
+@pytest.mark.parametrize("tp, pp, cp, world, dp", [(1, 1, 1, 1, 1), (2, 1, 1, 4, 2), (2, 2, 1, 8, 2), (1, 2, 1, 4, 2)])
 def test_data_parallel_size_is_derived(tp, pp, cp, world, dp):
     cfg = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp)
     assert check_parallel_sizes(cfg, world) == dp
@@ -42,12 +42,19 @@ def test_data_parallel_size_is_derived(tp, pp, cp, world, dp):
         (ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True), None, "sequence_parallel=true needs CUDA"),
         (ParallelConfig(), "hybrid", "model.fp8='hybrid' needs a CUDA GPU"),
         (ParallelConfig(backend="nccl"), None, "backend='nccl' needs CUDA"),
-        (ParallelConfig(context_parallel_size=2), None, "context_parallel_size=2 needs TransformerEngine"),
     ],
 )
 def test_gpu_only_features_are_refused_on_cpu(cfg, fp8, message):
     with pytest.raises(ValueError, match=message):
         initialize_parallel(cfg, seed=0, fp8=fp8, env=FOUR_RANKS)
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_context_parallel_is_refused_everywhere(cp):
+    # Refused by the config itself, CPU or GPU, before any process group or model exists.
+    with pytest.raises(ValueError, match=rf"parallel.context_parallel_size={cp}: context parallelism is not "
+                                         r"supported yet.*set parallel.context_parallel_size=1"):
+        ParallelConfig(context_parallel_size=cp)
 
 
 def test_config_rejects_a_non_positive_timeout():

@@ -13,7 +13,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import MegatronModule
 
 from megaseg.config.training import OptimizerConfig
-from megaseg.models.optimizer import StepResult, build_optimizer, optimizer_step, wrap_in_ddp, zero_grads
+from megaseg.models.optimizer import (StepResult, build_optimizer, optimizer_step, resolve_distributed_optimizer,
+                                     wrap_in_ddp, zero_grads)
 
 # megaseg scheduler name -> megatron's lr_decay_style.
 _DECAY_STYLES = {"cosine": "cosine", "linear": "linear", "constant": "constant"}
@@ -95,7 +96,7 @@ def setup_training(model: MegatronModule, opt_cfg: OptimizerConfig, total_steps:
     """Freeze (optionally), wrap in DDP, build optimizer and schedule, in that order (DDP only buffers trainable
     parameters, and the optimizer only sees what DDP buffers)."""
     freeze_all_but_top_layers(model, train_top_layers)
-    ddp_model = wrap_in_ddp(model)
+    ddp_model = wrap_in_ddp(model, resolve_distributed_optimizer(opt_cfg.use_distributed_optimizer))
     optimizer = build_optimizer(ddp_model, opt_cfg)
     scheduler = build_lr_scheduler(optimizer, opt_cfg, total_steps)
     return TrainingSetup(model=ddp_model, optimizer=optimizer, scheduler=scheduler, max_grad_norm=opt_cfg.grad_clip)
