@@ -13,15 +13,14 @@ Qwen2's q/k/v, a scalar head of `hidden_size` weights for reward model and criti
   term by term for megaseg's layers: what autograd stores per layer for a micro batch of b sequences of s tokens.
   Without sequence parallelism the norms and residual stream are replicated on the TP ranks:
       norms' inputs and outputs (2 per block)          4 s b h            elements, params dtype (6: torch norms)
-      Q, K, V after GQA expansion, attention context  4 s b h / t
+      Q, K, V (un-expanded), attention context         (2 a + 2 g) s b d / t
       MLP: fc1 output kept by SwiGLU (gate, up, silu)  k s b F / t        k = 4 unfused, 2 with the fused kernel
            fc2 input                                   s b F / t
-      attention probabilities                         a s^2 b / t        4 bytes (fp32 softmax) + 2 (the bf16 copy
-                                                                           the value matmul keeps) in bf16 runs
-  (with TransformerEngine's flash/fused attention, the GPU default: un-expanded Q, K, V and a fp32 a s b / t
-  log-sum-exp instead of the probabilities and the expanded K, V)
-  (Korthikanti's 34 s b h + 5 a s^2 b is this with GELU's 4h MLP, dropout masks, and MHA.) Selective recompute keeps
-  only core attention's inputs (Q and the un-expanded K, V) instead of the a s^2 b term and the expanded K, V; full
+      attention log-sum-exp                           a s b / t          fp32
+  Both layer specs run fused attention (TransformerEngine's flash/fused attention on GPUs, torch's
+  scaled_dot_product_attention in the local spec: megaseg.models.attention), so no a s^2 b probabilities are kept.
+  (Korthikanti's 34 s b h + 5 a s^2 b is this with GELU's 4h MLP, dropout masks, MHA and unfused attention.)
+  Selective recompute keeps only core attention's inputs (Q, K, V), dropping its log-sum-exp; full
   recompute keeps each unit's input (s b h) and rebuilds one unit at a time in backward. Pipeline stage 1 holds up
   to PP micro batches in flight (1F1B), each with its L / PP layers.
 """
@@ -108,9 +107,6 @@ class Recompute:
 class Kernels:
     """Which attention and activation kernels run: they decide what autograd keeps."""
 
-    # TransformerEngine's fused / flash attention keeps Q, K, V (un-expanded), the output and a fp32 log-sum-exp
-    # per head and position instead of the a s^2 b probabilities of megatron's local DotProductAttention.
-    flash_attention: bool
     # bias_activation_fusion (on GPUs): the fused SwiGLU keeps its input only (2 F per token instead of the 4 F the
     # unfused chunk / silu / multiply keeps: the fc1 output, silu's output and the product's second operand copy).
     fused_swiglu: bool
@@ -122,10 +118,10 @@ class Kernels:
     def for_gpu_run(cls, model_cfg: ModelConfig) -> "Kernels":
         """The kernels a GPU run of `model_cfg` uses (transformer_impl auto means TransformerEngine there)."""
         te = model_cfg.transformer_impl != "local"
-        return cls(flash_attention=te, fused_swiglu=True, fused_norms=te)
+        return cls(fused_swiglu=True, fused_norms=te)
 
 
-CPU_KERNELS = Kernels(flash_attention=False, fused_swiglu=False, fused_norms=False)
+CPU_KERNELS = Kernels(fused_swiglu=False, fused_norms=False)
 
 
 def layer_activation_bytes(model_cfg: ModelConfig, seq: int, batch: int, tp: int, recompute: Recompute,
@@ -140,11 +136,10 @@ def layer_activation_bytes(model_cfg: ModelConfig, seq: int, batch: int, tp: int
     norms = (4 if kernels.fused_norms else 6) * tokens * h * e
     context = tokens * heads * head_dim // tp * e
     attention_inputs = tokens * (heads + 2 * groups) * head_dim // tp * e
-    if kernels.flash_attention:
-        attention = attention_inputs + heads * tokens // tp * FP32
-    else:
-        qkv_expanded = 3 * tokens * heads * head_dim // tp * e
-        attention = qkv_expanded + heads * seq * seq * batch // tp * (FP32 + (e if e != FP32 else 0))
+    # Both layer specs run fused attention (TransformerEngine's on GPUs, torch's scaled_dot_product_attention in the
+    # local spec: megaseg.models.attention): it keeps Q, K, V (un-expanded), the output and a fp32 log-sum-exp per
+    # head and position, never the a s^2 b probabilities.
+    attention = attention_inputs + heads * tokens // tp * FP32
     full_layer = norms + attention + context + mlp
     if recompute.granularity == "selective":
         return norms + attention_inputs + context + mlp, full_layer
@@ -168,11 +163,6 @@ def stage_activation_bytes(model_cfg: ModelConfig, seq: int, batch: int, layout:
     else:
         per_micro_batch = layers * kept
         backward_peak = 0
-    if not kernels.flash_attention:
-        # megatron's local attention: the scores' scratch buffer (GlobalMemoryBuffer, fp32, kept) and, in one
-        # layer's backward, the gradients of the probabilities and of the scores.
-        heads = model_cfg.num_attention_heads
-        backward_peak += 3 * heads * seq * seq * batch // layout.tp * FP32
     in_flight = min(layout.pp, num_micro_batches)
     return in_flight * per_micro_batch + backward_peak
 
