@@ -101,17 +101,38 @@ def read_manifest(directory: Path, repair: str) -> dict[str, dict[str, Any]]:
     return files
 
 
-def verify_manifest(directory: str | os.PathLike, repair: str, *, subdir: Optional[str] = None) -> bool:
-    """Check every file the manifest of ``directory`` lists (only those under ``subdir`` when given). False when the
-    directory has no manifest (written by another tool: nothing to check against); DamagedFileError otherwise."""
+def verify_manifest(directory: str | os.PathLike, repair: str, *,
+                    selected: Optional[Callable[[str], bool]] = None) -> bool:
+    """Check every file the manifest of ``directory`` lists (those whose relative name ``selected`` accepts, when
+    given). False when the directory has no manifest (written by another tool: nothing to check against);
+    DamagedFileError otherwise.
+
+    A directory checked once in this process is not hashed again while no listed file's size or modification time
+    has changed (a reward model is checked before segmentation and again when its weights load)."""
     directory = Path(directory)
     if not (directory / MANIFEST_FILE).exists():
         return False
-    prefix = None if subdir is None else subdir.rstrip("/") + "/"
-    for name, record in read_manifest(directory, repair).items():
-        if prefix is None or name.startswith(prefix):
-            check_file(directory / name, record, repair)
+    files = read_manifest(directory, repair)
+    names = [name for name in sorted(files) if selected is None or selected(name)]
+    signature = _signature(directory, names)
+    if signature is not None and _VERIFIED.get(str(directory.absolute())) == signature:
+        return True
+    for name in names:
+        check_file(directory / name, files[name], repair)
+    if signature is not None:
+        _VERIFIED[str(directory.absolute())] = signature
     return True
+
+
+_VERIFIED: dict[str, tuple] = {}
+
+
+def _signature(directory: Path, names: list[str]) -> Optional[tuple]:
+    try:
+        stats = [(directory / name).stat() for name in [MANIFEST_FILE, *names]]
+    except OSError:
+        return None  # a file is missing: check_file names it
+    return tuple(names), tuple((stat.st_size, stat.st_mtime_ns, stat.st_ino) for stat in stats)
 
 
 def check_on_rank_zero(check: Callable[[], Any]) -> Any:

@@ -190,9 +190,8 @@ def ensure_segment_cache(config: MegasegConfig, pairs: Sequence[TokenizedPair],
     key = segment_cache_key(config, pairs, None if entropy_store is None else entropy_store.root)
     root = Path(config.segmentation.cache_dir) / f"segments-{config.segmentation.mode}-{key_digest(key)}"
     store = open_collectively(root, "segments", key, len(pairs), config.segmentation.shard_size)
-    if not store.is_complete():
-        missing = store.missing_shards()
-        barrier()
+    missing = store.shards_to_compute()
+    if missing or not store.is_complete():
         for shard in missing[rank()::world_size()]:
             shard_pairs = [pairs[i] for i in store.pair_range(shard)]
             entropies = _shard_entropies(entropy_store, shard, store, shard_pairs)

@@ -74,11 +74,10 @@ def ensure_entropy_cache(config: MegasegConfig, pairs: Sequence[TokenizedPair], 
     key = entropy_cache_key(config, pairs, model_identity(config.model, model=model, parallel_ctx=parallel_ctx))
     store = open_collectively(Path(seg.cache_dir) / f"entropy-{key_digest(key)}", "entropy", key, len(pairs),
                                seg.shard_size)
-    if store.is_complete():
+    missing = store.shards_to_compute()
+    if not missing and store.is_complete():
         print_rank_zero(f"entropies: reusing {store.root}")
         return store
-    missing = store.missing_shards()
-    barrier()
     mine = missing[parallel_ctx.dp_rank::parallel_ctx.dp_size]
     if missing:
         if model is None:
