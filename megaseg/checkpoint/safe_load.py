@@ -8,7 +8,7 @@ whatever a planted ``__reduce__`` asks for:
   (``ALLOWED_METADATA_GLOBALS``) and refuses anything else;
 - ``common.pt`` (LR schedule, architecture, layout) is read with ``torch.load(weights_only=True)``;
 - the byte objects inside ``*.distcp`` (``ShardedObject`` values: the RNG states) go through the load planner's
-  ``load_bytes``, which torch's default planner reads with ``weights_only=False``; ``SafeLoadPlanner`` reads them
+  ``load_bytes``, which torch's default planner unpickles without restriction; ``SafeLoadPlanner`` reads them
   with ``weights_only=True``. Tensors are read by torch with ``weights_only=True`` already.
 
 A refused file is an ``UnsafeCheckpointError`` naming it; a truncated or garbage file a ``DamagedCheckpointError``
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -123,10 +124,11 @@ def torch_load_weights_only(source: Any, path: Path) -> Any:
         return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         text = str(error)
-        if "Weights only load failed" in text or "Unsupported global" in text or "GLOBAL" in text:
-            found = text.split("Unsupported global:")[-1].split("\n")[0].strip() if "Unsupported" in text else \
-                "a Python object outside tensors and plain data"
-            raise UnsafeCheckpointError(_refusal(path, found)) from None
+        if "Weights only load failed" in text:
+            found = re.search(r"GLOBAL (\S+) was not an allowed global|Unsupported global: GLOBAL (\S+)", text)
+            what = next((name for name in found.groups() if name), None) if found else None
+            raise UnsafeCheckpointError(_refusal(path, what or "a Python object outside tensors and plain data")) \
+                from None
         raise DamagedCheckpointError(f"{path} is unreadable ({error})") from None
     except Exception as error:  # a truncated zip archive, an empty file, random bytes
         raise DamagedCheckpointError(f"{path} is unreadable ({type(error).__name__}: "
@@ -204,7 +206,7 @@ class SafeCommonLoadStrategy(TorchCommonLoadStrategy):
 def _unwrap_checkpoint_exception(error: CheckpointException) -> BaseException:
     """The first ValueError a rank raised inside torch.distributed.checkpoint (it wraps them per rank)."""
     for failure in error.failures.values():
-        original = getattr(failure, "exc", failure)
+        original = failure[0] if isinstance(failure, tuple) else failure  # (exception, stack summary)
         if isinstance(original, ValueError):
             return original
     return error
