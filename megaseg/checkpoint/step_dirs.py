@@ -187,7 +187,22 @@ def save_model_state(state_dir: Path, *, model: torch.nn.Module, model_cfg: Mode
     state["layout"] = current_layout()
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
+    _collect_write_results_in_process()
     dist_checkpointing.save(state, str(state_dir))
+
+
+def _collect_write_results_in_process() -> None:
+    """Give megatron's checkpoint writer an in-process results queue instead of the ``multiprocessing.Manager``
+    queue it creates on first save: that Manager is a server process (with multiprocessing's resource tracker
+    beside it) that outlives a run killed with SIGKILL. megaseg saves synchronously, so the writer's results are
+    put and read in this very process (its forked file writers report through a queue of their own); megatron's
+    asynchronous save, which would need the Manager, is not used."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def read_common_state(state_dir: Path) -> dict[str, Any]:
