@@ -34,7 +34,14 @@ from megaseg.checkpoint.step_dirs import (
 from megaseg.config import MegasegConfig, load_config, save_config
 from megaseg.config.loader import RESOLVED_CONFIG_NAME
 from megaseg.config.parallel import ParallelConfig
-from megaseg.integrity import check_on_rank_zero, read_json_file, verify_manifest, write_manifest
+from megaseg.integrity import (
+    MANIFEST_FILE,
+    DamagedFileError,
+    check_on_rank_zero,
+    read_json_file,
+    verify_manifest,
+    write_manifest,
+)
 from megaseg.parallel.collectives import barrier, is_rank_zero
 from megaseg.parallel.initialize import ParallelContext
 
@@ -42,7 +49,8 @@ STATE_DIR = "state"
 REWARD_MODEL_DIR = "reward_model"  # under a train-rm run's logging.out_dir
 MARKER_FILE = "reward_model.json"
 FORMAT_NAME = "megaseg-reward-model"
-FORMAT_VERSION = 2  # 2: the model state in state/ (megaseg.checkpoint.step_dirs.save_model_state)
+FORMAT_VERSION = 3  # 2: the model state in state/ (megaseg.checkpoint.step_dirs.save_model_state); 3: a manifest
+MANIFEST_SINCE_VERSION = 3
 
 
 def resolve_reward_model_dir(path: str | os.PathLike) -> Path:
@@ -83,14 +91,23 @@ def verify_reward_model_dir(rm_dir: str | os.PathLike) -> None:
     """DamagedFileError naming the first file of the reward-model directory that is missing, truncated or altered
     (rank 0 reads every byte once; the same error on every rank). Collective."""
     rm_dir = resolve_reward_model_dir(rm_dir)
-    check_on_rank_zero(lambda: verify_manifest(rm_dir, damaged_reward_model_repair(rm_dir)))
+    check_on_rank_zero(lambda: _verify(rm_dir))
+
+
+def _verify(rm_dir: Path, selected=None) -> None:
+    """verify_manifest, and a missing manifest is damage too in a directory of a version that writes one."""
+    repair = damaged_reward_model_repair(rm_dir)
+    if not verify_manifest(rm_dir, repair, selected=selected):
+        if read_reward_model_info(rm_dir).get("version", 0) >= MANIFEST_SINCE_VERSION:
+            raise DamagedFileError(rm_dir / MANIFEST_FILE, "is missing (the list of sizes and checksums the reward "
+                                                           "model was written with)", repair)
 
 
 def read_reward_model_config(rm_dir: str | os.PathLike) -> MegasegConfig:
     """The training run's resolved config, with rm.checkpoint pointing at `rm_dir` (absolute)."""
     rm_dir = resolve_reward_model_dir(rm_dir).absolute()
     # The small files only (this is read on one process too); the weights are checked where they load.
-    verify_manifest(rm_dir, damaged_reward_model_repair(rm_dir), selected=lambda name: not name.startswith(STATE_DIR))
+    _verify(rm_dir, selected=lambda name: not name.startswith(STATE_DIR))
     read_reward_model_info(rm_dir)
     config = load_config(rm_dir / RESOLVED_CONFIG_NAME)
     return dataclasses.replace(config, rm=dataclasses.replace(config.rm, checkpoint=str(rm_dir)))

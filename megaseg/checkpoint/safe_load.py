@@ -124,12 +124,12 @@ def torch_load_weights_only(source: Any, path: Path) -> Any:
         return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         text = str(error)
-        if "Weights only load failed" in text:
-            found = re.search(r"GLOBAL (\S+) was not an allowed global|Unsupported global: GLOBAL (\S+)", text)
-            what = next((name for name in found.groups() if name), None) if found else None
-            raise UnsafeCheckpointError(_refusal(path, what or "a Python object outside tensors and plain data")) \
-                from None
-        raise DamagedCheckpointError(f"{path} is unreadable ({error})") from None
+        found = re.search(r"GLOBAL (\S+) was not an allowed global|Unsupported global: GLOBAL (\S+)", text)
+        if found:  # a class or function the file asks for; anything else is damage (random bytes, truncation)
+            raise UnsafeCheckpointError(_refusal(path, next(name for name in found.groups() if name))) from None
+        reason = next((line for line in text.splitlines() if "Unsupported operand" in line or "Failed" in line),
+                      text.splitlines()[0] if text else "")
+        raise DamagedCheckpointError(f"{path} is unreadable (not a torch file: {reason.strip()})") from None
     except Exception as error:  # a truncated zip archive, an empty file, random bytes
         raise DamagedCheckpointError(f"{path} is unreadable ({type(error).__name__}: "
                                      f"{str(error).splitlines()[0] if str(error) else ''})") from None
