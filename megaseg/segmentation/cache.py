@@ -92,6 +92,14 @@ class RaggedArray:
         return np.diff(self.offsets)
 
 
+def cache_root(config: Any) -> Path:
+    """``segmentation.cache_dir``, or ``<logging.out_dir>/cache/segments`` when it is not set."""
+    from megaseg.config.loader import DEFAULT_CACHE_SUBDIR
+
+    seg = config.segmentation
+    return Path(seg.cache_dir) if seg.cache_dir is not None else Path(config.logging.out_dir) / DEFAULT_CACHE_SUBDIR
+
+
 def open_collectively(root: Path, kind: str, key: dict, num_pairs: int, shard_size: int) -> "ShardedStore":
     """Rank 0 creates (or checks) the entry before any rank opens it; then every rank lists the missing shards
     before any rank writes one, so all ranks share out the same list. Collective."""
