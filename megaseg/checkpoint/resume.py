@@ -6,14 +6,28 @@ how the run executes or is observed (``RESUMABLE_CHANGES``: logging, checkpointi
 checkpoint reshards to, inference-only batch sizes, evaluation cadence, and max_steps, a stop point that the LR
 schedule does not depend on). A changed learning rate, batch
 size, data file or segmentation is refused with each field named, never silently ignored.
+
+A latest checkpoint that fails its integrity check (megaseg.integrity: a file missing, truncated or altered) is
+skipped with a warning naming it under ``checkpoint.on_damaged=previous`` (the newest intact step is resumed from)
+and stops the run under ``checkpoint.on_damaged=error``.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
-from megaseg.checkpoint.step_dirs import LoadedCheckpoint, TrainedModel, latest_checkpoint, load_training_checkpoint
+from megaseg.checkpoint.step_dirs import (
+    LoadedCheckpoint,
+    TrainedModel,
+    latest_checkpoint,
+    load_training_checkpoint,
+    step_dirs,
+    verify_step_dir,
+)
+from megaseg.integrity import check_on_rank_zero
+from megaseg.parallel.collectives import print_rank_zero
 from megaseg.config import MegasegConfig, load_config
 from megaseg.config.loader import RESOLVED_CONFIG_NAME, flat_settings
 
@@ -57,8 +71,30 @@ def resume_latest(config: MegasegConfig, *, sections: tuple[str, ...],
     invariants, or None (a fresh start: none exists, or ``checkpoint.resume=false``). Collective."""
     if not config.checkpoint.resume:
         return None
-    latest = latest_checkpoint(checkpoint_root(config))
+    intact = newest_intact_checkpoint(config)
+    if intact is None:
+        return None
+    check_resume_invariants(load_config(intact / RESOLVED_CONFIG_NAME), config, sections, intact)
+    return load_training_checkpoint(intact, models=models, model_cfg=config.model)
+
+
+def newest_intact_checkpoint(config: MegasegConfig) -> Optional[Path]:
+    """The latest step directory that passes its integrity check, skipping damaged newer ones with a warning under
+    ``checkpoint.on_damaged=previous`` (raising under ``error``); None when there is none. Collective."""
+    root = checkpoint_root(config)
+    latest = latest_checkpoint(root)
     if latest is None:
         return None
-    check_resume_invariants(load_config(latest / RESOLVED_CONFIG_NAME), config, sections, latest)
-    return load_training_checkpoint(latest, models=models, model_cfg=config.model)
+    candidates = [latest] + [path for _, path in reversed(step_dirs(root)) if path != latest]
+    for candidate in candidates:
+        try:
+            check_on_rank_zero(lambda: verify_step_dir(candidate))
+            return candidate
+        except ValueError as error:
+            if config.checkpoint.on_damaged == "error":
+                raise
+            message = (f"checkpoint {candidate} is damaged and is skipped (checkpoint.on_damaged=previous): {error}")
+            warnings.warn(message)
+            print_rank_zero(f"warning: {message}")
+    raise ValueError(f"no intact checkpoint under {root}: every step directory failed its check (see the warnings "
+                     "above); start afresh with checkpoint.resume=false or another logging.out_dir")

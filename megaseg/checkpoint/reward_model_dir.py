@@ -8,6 +8,7 @@ Layout of a reward-model directory (what `megaseg train-rm` writes as <logging.o
                         stop tokens, the SFT checkpoint used for entropies), segmentation (mode, c_ent, n) and
                         rm.aggregation, so scoring needs nothing else passed
     reward_model.json   marker + summary: format version, segmentation, aggregation, step, final metrics
+    megaseg-manifest.json  size and sha256 of every file above (megaseg.integrity), checked before the weights load
     normalizer.json     written later beside it by `megaseg fit-normalizer` (megaseg.scoring.normalizer_file)
 
 The directory appears atomically (written under a staging name, renamed by rank 0 once every rank has finished).
@@ -16,7 +17,6 @@ Re-saving over an existing directory replaces it whole: a normalizer fitted to t
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from pathlib import Path
@@ -34,6 +34,14 @@ from megaseg.checkpoint.step_dirs import (
 from megaseg.config import MegasegConfig, load_config, save_config
 from megaseg.config.loader import RESOLVED_CONFIG_NAME
 from megaseg.config.parallel import ParallelConfig
+from megaseg.integrity import (
+    MANIFEST_FILE,
+    DamagedFileError,
+    check_on_rank_zero,
+    read_json_file,
+    verify_manifest,
+    write_manifest,
+)
 from megaseg.parallel.collectives import barrier, is_rank_zero
 from megaseg.parallel.initialize import ParallelContext
 
@@ -41,7 +49,8 @@ STATE_DIR = "state"
 REWARD_MODEL_DIR = "reward_model"  # under a train-rm run's logging.out_dir
 MARKER_FILE = "reward_model.json"
 FORMAT_NAME = "megaseg-reward-model"
-FORMAT_VERSION = 2  # 2: the model state in state/ (megaseg.checkpoint.step_dirs.save_model_state)
+FORMAT_VERSION = 3  # 2: the model state in state/ (megaseg.checkpoint.step_dirs.save_model_state); 3: a manifest
+MANIFEST_SINCE_VERSION = 3
 
 
 def resolve_reward_model_dir(path: str | os.PathLike) -> Path:
@@ -64,23 +73,50 @@ def resolve_reward_model_dir(path: str | os.PathLike) -> Path:
 def read_reward_model_info(rm_dir: str | os.PathLike) -> dict[str, Any]:
     """The contents of reward_model.json (format, segmentation, aggregation, step, metrics)."""
     rm_dir = resolve_reward_model_dir(rm_dir)
-    info = json.loads((rm_dir / MARKER_FILE).read_text())
-    if info.get("format") != FORMAT_NAME or info.get("version", 0) > FORMAT_VERSION:
+    info = read_json_file(rm_dir / MARKER_FILE, "the reward model's marker", damaged_reward_model_repair(rm_dir))
+    if not isinstance(info, dict) or info.get("format") != FORMAT_NAME or info.get("version", 0) > FORMAT_VERSION:
         raise ValueError(f"{rm_dir / MARKER_FILE}: format {info.get('format')!r} version {info.get('version')!r} "
                          f"is not {FORMAT_NAME!r} <= {FORMAT_VERSION}; it was written by another (newer?) megaseg")
     return info
 
 
+def damaged_reward_model_repair(rm_dir: Path) -> str:
+    """The command that writes the reward-model directory again (train-rm resumes from its last checkpoint)."""
+    run_dir = Path(rm_dir).absolute().parent
+    return (f"Write the reward model again: `megaseg train-rm --config {run_dir / RESOLVED_CONFIG_NAME}` (the run's "
+            f"saved config; it resumes from {run_dir / 'checkpoints'} when a checkpoint is left there)")
+
+
+def verify_reward_model_dir(rm_dir: str | os.PathLike) -> None:
+    """DamagedFileError naming the first file of the reward-model directory that is missing, truncated or altered
+    (rank 0 reads every byte once; the same error on every rank). Collective."""
+    rm_dir = resolve_reward_model_dir(rm_dir)
+    check_on_rank_zero(lambda: _verify(rm_dir))
+
+
+def _verify(rm_dir: Path, selected=None) -> None:
+    """verify_manifest, and a missing manifest is damage too in a directory of a version that writes one."""
+    repair = damaged_reward_model_repair(rm_dir)
+    if not verify_manifest(rm_dir, repair, selected=selected):
+        if read_reward_model_info(rm_dir).get("version", 0) >= MANIFEST_SINCE_VERSION:
+            raise DamagedFileError(rm_dir / MANIFEST_FILE, "is missing (the list of sizes and checksums the reward "
+                                                           "model was written with)", repair)
+
+
 def read_reward_model_config(rm_dir: str | os.PathLike) -> MegasegConfig:
     """The training run's resolved config, with rm.checkpoint pointing at `rm_dir` (absolute)."""
     rm_dir = resolve_reward_model_dir(rm_dir).absolute()
+    # The small files only (this is read on one process too); the weights are checked where they load.
+    _verify(rm_dir, selected=lambda name: not name.startswith(STATE_DIR))
     read_reward_model_info(rm_dir)
     config = load_config(rm_dir / RESOLVED_CONFIG_NAME)
     return dataclasses.replace(config, rm=dataclasses.replace(config.rm, checkpoint=str(rm_dir)))
 
 
 def check_reward_model_architecture(rm_dir: Path, rm_config: MegasegConfig) -> None:
-    """Fail before any segmentation work when the saved weights do not match the saved config."""
+    """Fail before any segmentation work when the saved weights do not match the saved config (or are damaged).
+    Collective."""
+    verify_reward_model_dir(rm_dir)
     common = read_common_state(Path(rm_dir) / STATE_DIR)
     check_architecture(Path(rm_dir), common.get("model_architecture"), rm_config.model)
 
@@ -116,6 +152,7 @@ def save_reward_model(rm_dir: str | os.PathLike, *, model, config: MegasegConfig
     if is_rank_zero():
         save_config(config, staging)
         write_json_atomic(staging / MARKER_FILE, _marker(config, progress, metrics))
+        write_manifest(staging)
         replace_dir(staging, rm_dir)
     barrier()
     return rm_dir
@@ -137,6 +174,7 @@ def load_reward_model(rm_dir: str | os.PathLike, parallel_ctx: ParallelContext) 
     of a segment is the value at its last token, aggregated with config.rm.aggregation (see megaseg.algorithms)."""
     from megaseg.models.scalar_head import build_reward_model
 
+    verify_reward_model_dir(rm_dir)
     config = read_reward_model_config(rm_dir)
     config = dataclasses.replace(config, parallel=parallel_config_of(parallel_ctx, config.parallel))
     model = build_reward_model(config.model, config.parallel, seed=config.seed)

@@ -11,6 +11,10 @@ Layout of a checkpoint root (``<logging.out_dir>/checkpoints``):
         config.yaml    the resolved MegasegConfig of the run that wrote it
     latest             text: the name of the newest complete step directory
 
+Every step directory holds ``megaseg-manifest.json`` (megaseg.integrity): the size and sha256 of each of its files,
+recorded before the rename and checked (on rank 0) before anything of the step is read, so a truncated, emptied or
+altered file is one error naming it. Loading executes nothing from the files (megaseg.checkpoint.safe_load).
+
 A step directory is written as ``.tmp_step_000100`` and renamed once every rank has written every model, so a
 directory named ``step_*`` always holds all the models of its step (PPO's actor and critic are committed together);
 ``latest`` is replaced atomically after the rename, and older steps are pruned only after that. Tensors are stored as
@@ -27,7 +31,6 @@ directory must be on a filesystem all ranks see.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import re
 import shutil
@@ -44,6 +47,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megaseg.atomic_io import replace_dir, write_json_atomic, write_text_atomic
+from megaseg.checkpoint.safe_load import load_common_state, load_dist_checkpoint, load_tensors_metadata
+from megaseg.integrity import MANIFEST_FILE as MANIFEST_NAME
+from megaseg.integrity import check_on_rank_zero, read_json_file, verify_manifest, write_manifest
 from megaseg.config import MegasegConfig, save_config
 from megaseg.config.model import ModelConfig
 from megaseg.models.architecture import architecture_differences, model_architecture
@@ -191,14 +197,29 @@ def save_model_state(state_dir: Path, *, model: torch.nn.Module, model_cfg: Mode
     state["layout"] = current_layout()
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
+    _collect_write_results_in_process()
     dist_checkpointing.save(state, str(state_dir))
+
+
+def _collect_write_results_in_process() -> None:
+    """Give megatron's checkpoint writer an in-process results queue instead of the ``multiprocessing.Manager``
+    queue it creates on first save: that Manager is a server process (with multiprocessing's resource tracker
+    beside it) that outlives a run killed with SIGKILL. megaseg saves synchronously, so the writer's results are
+    put and read in this very process (its forked file writers report through a queue of their own); megatron's
+    asynchronous save, which would need the Manager, is not used."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def read_common_state(state_dir: Path) -> dict[str, Any]:
     """The non-tensor part of a model state (architecture, layout, LR schedule)."""
     if not (Path(state_dir) / CHECKPOINT_METADATA).is_file():
         raise ValueError(f"{state_dir} is not a megatron dist checkpoint (no {CHECKPOINT_METADATA})")
-    return dist_checkpointing.load_common_state_dict(str(state_dir))
+    return load_common_state(state_dir)
 
 
 def load_model_state(state_dir: Path, *, model: torch.nn.Module, model_cfg: ModelConfig, optimizer: Any = None,
@@ -214,8 +235,8 @@ def load_model_state(state_dir: Path, *, model: torch.nn.Module, model_cfg: Mode
     common = read_common_state(state_dir)
     check_architecture(state_dir, common.get("model_architecture"), model_cfg)
     state = _sharded_state(model, optimizer, is_loading=True, missing_ok=missing_ok)
-    check_tensor_shapes(state_dir, state["model"], dist_checkpointing.load_tensors_metadata(str(state_dir)))
-    loaded = dist_checkpointing.load(state, str(state_dir))
+    check_tensor_shapes(state_dir, state["model"], load_tensors_metadata(state_dir))
+    loaded = load_dist_checkpoint(state, state_dir)
     result = unwrap(model).load_state_dict(loaded["model"], strict=not missing_ok)
     if missing_ok:
         unexpected = [key for key in result.missing_keys if not key.startswith(tuple(missing_ok))
@@ -235,8 +256,12 @@ def load_model_state(state_dir: Path, *, model: torch.nn.Module, model_cfg: Mode
 
 
 def _rng_states() -> dict[str, Any]:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-              "tracker": get_cuda_rng_tracker().get_states()}
+    # Tensors, tuples and numbers only, so that they load with weights_only=True: numpy's key array as a tensor.
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    states = {"python": random.getstate(),
+              "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss),
+                        float(cached_gaussian)),
+              "torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state()
     return states
@@ -244,7 +269,8 @@ def _rng_states() -> dict[str, Any]:
 
 def _set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    name, keys, position, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(states["torch"])
     get_cuda_rng_tracker().set_states(states["tracker"])
     if "cuda" in states and torch.cuda.is_available():
@@ -268,7 +294,7 @@ def _load_rng(rng_dir: Path) -> bool:
         warnings.warn(f"{rng_dir} was saved at parallel layout {saved_layout}, this run is {current_layout()}: RNG "
                       "states are per rank, so they are not restored (the models, optimizers and progress are)")
         return False
-    loaded = dist_checkpointing.load({_RNG_KEY: _rng_sharded_object(None)}, str(rng_dir))
+    loaded = load_dist_checkpoint({_RNG_KEY: _rng_sharded_object(None)}, rng_dir)
     _set_rng_states(loaded[_RNG_KEY])
     return True
 
@@ -294,6 +320,7 @@ def save_training_checkpoint(root: str | Path, *, models: Mapping[str, TrainedMo
     if is_rank_zero():
         write_json_atomic(tmp / PROGRESS_FILE, dataclasses.asdict(progress))
         save_config(config, tmp)
+        write_manifest(tmp)
         replace_dir(tmp, final)
         write_text_atomic(root / LATEST_FILE, final.name + "\n")
         if keep_last is not None:
@@ -303,8 +330,28 @@ def save_training_checkpoint(root: str | Path, *, models: Mapping[str, TrainedMo
     return final
 
 
+def damaged_step_repair(step_dir: Path) -> str:
+    """What to do about a step directory that fails its check (the resume commands that skip or drop it)."""
+    return (f"This checkpoint cannot be resumed from: resume with checkpoint.on_damaged=previous (skips it and "
+            f"continues from the newest intact step), delete {step_dir}, or start afresh with checkpoint.resume=false")
+
+
+def verify_step_dir(step_dir: Path) -> None:
+    """DamagedFileError naming the first file of ``step_dir`` that is missing, truncated or altered. One process."""
+    step_dir = Path(step_dir)
+    if not verify_manifest(step_dir, damaged_step_repair(step_dir)):
+        raise ValueError(f"{step_dir} has no {MANIFEST_NAME}: it was not written by this megaseg (or its manifest "
+                         f"was deleted). {damaged_step_repair(step_dir)}")
+
+
 def read_progress(step_dir: Path) -> TrainingProgress:
-    return TrainingProgress(**json.loads((Path(step_dir) / PROGRESS_FILE).read_text()))
+    path = Path(step_dir) / PROGRESS_FILE
+    content = read_json_file(path, "the training progress of the step", damaged_step_repair(Path(step_dir)))
+    try:
+        return TrainingProgress(**content)
+    except TypeError as error:
+        raise ValueError(f"{path} is not a training-progress record ({error}). "
+                         f"{damaged_step_repair(Path(step_dir))}") from None
 
 
 def load_training_checkpoint(step_dir: Path, *, models: Mapping[str, TrainedModel],
@@ -312,6 +359,7 @@ def load_training_checkpoint(step_dir: Path, *, models: Mapping[str, TrainedMode
     """Restore every model of ``models`` (weights, optimizer, schedule) and the RNG states from ``step_dir``.
     Collective."""
     step_dir = Path(step_dir)
+    check_on_rank_zero(lambda: verify_step_dir(step_dir))
     missing = [role for role in models if not (step_dir / role).is_dir()]
     if missing:
         raise ValueError(f"{step_dir} holds no {', '.join(missing)} (it has {sorted(p.name for p in step_dir.iterdir())});"

@@ -137,6 +137,9 @@ def save_config(config: MegasegConfig, out_dir: str | os.PathLike) -> Path:
     return target
 
 
+DEFAULT_CACHE_SUBDIR = "cache/segments"  # under logging.out_dir when segmentation.cache_dir is not set
+
+
 def absolute_local_paths(config: MegasegConfig) -> MegasegConfig:
     """The config with every local path made absolute (model, tokenizer, data and prompt files, reward model,
     normalizer, output and cache directories), so the config a run saves works from any directory."""
@@ -152,4 +155,6 @@ def absolute_local_paths(config: MegasegConfig) -> MegasegConfig:
         config, model=replaced(config.model, ("tokenizer", "checkpoint")),
         data=replaced(config.data, ("train_path", "eval_path", "prompt_path", "eval_prompt_path")),
         rm=replaced(config.rm, ("checkpoint",)), normalizer=replaced(config.normalizer, ("path",)),
-        segmentation=replaced(config.segmentation, ("cache_dir",)), logging=replaced(config.logging, ("out_dir",)))
+        segmentation=dataclasses.replace(config.segmentation, cache_dir=absolute(
+            config.segmentation.cache_dir or str(Path(config.logging.out_dir) / DEFAULT_CACHE_SUBDIR))),
+        logging=replaced(config.logging, ("out_dir",)))

@@ -17,7 +17,8 @@ class SegmentationConfig:
     ngram_size: int = 5
     # Positions per chunk when computing entropies, so memory stays at [chunk, vocab] instead of [batch, seq, vocab].
     entropy_chunk_size: Optional[int] = 1024
-    cache_dir: str = "cache/segments"
+    # None: <logging.out_dir>/cache/segments (made absolute when the config is loaded), never the working directory.
+    cache_dir: Optional[str] = None
     micro_batch_size: int = 4
     # Preference pairs per cache shard: the unit of resumption after a kill and of data-parallel work sharing.
     shard_size: int = 256

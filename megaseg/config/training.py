@@ -7,6 +7,7 @@ from typing import Optional
 from megaseg.config._checks import check_choice, check_non_negative, check_positive, check_range
 
 SCHEDULERS = ("cosine", "constant", "linear")
+ON_DAMAGED_CHECKPOINT = ("previous", "error")
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,11 @@ class CheckpointConfig:
     # Resume from the latest checkpoint under <logging.out_dir>/checkpoints when one exists.
     resume: bool = True
     keep_last: Optional[int] = 2
+    # When the latest checkpoint fails its integrity check on resume: "previous" warns, naming it, and resumes from
+    # the newest intact one; "error" stops with the error.
+    on_damaged: str = "previous"
 
     def __post_init__(self) -> None:
         check_non_negative("checkpoint.save_every", self.save_every)
+        check_choice("checkpoint.on_damaged", self.on_damaged, ON_DAMAGED_CHECKPOINT)
         check_positive("checkpoint.keep_last", self.keep_last, allow_none=True)

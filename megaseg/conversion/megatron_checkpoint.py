@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Mapping, Optional
 
 import torch
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from megaseg.checkpoint.safe_load import SafeFileSystemReader
 from megaseg.conversion.weight_names import MEGATRON_LAYER_PREFIX, MEGATRON_TE_NORM_NAMES, split_megatron_key
 
 # fc1 saved as two separate global tensors (gate, up) by megatron's `singleton_local_shards` SwiGLU layout.
@@ -110,9 +111,9 @@ def save_model_checkpoint(model: torch.nn.Module, ckpt_dir: Path) -> None:
 
 def load_model_checkpoint(model: torch.nn.Module, ckpt_dir: Path, strict: bool = True) -> None:
     """Load a dist checkpoint saved at any TP/PP into `model` (this rank's part); collective over all ranks."""
-    from megatron.core import dist_checkpointing
+    from megaseg.checkpoint.safe_load import load_dist_checkpoint
 
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
+    state = load_dist_checkpoint(model.sharded_state_dict(), ckpt_dir)
     model.load_state_dict(state, strict=strict)
 
 
@@ -160,7 +161,7 @@ class DistCheckpointReader:
         if backend != "torch_dist":
             raise ValueError(f"{self.ckpt_dir} uses the {backend!r} dist-checkpoint backend; megaseg reads "
                              "'torch_dist' (megatron-core's default)")
-        self._storage = FileSystemReader(str(self.ckpt_dir))
+        self._storage = SafeFileSystemReader(self.ckpt_dir)  # executes nothing from the metadata pickle
         stored = self._storage.read_metadata().state_dict_metadata
         self.metadata = {key: md for key, md in stored.items() if isinstance(md, TensorStorageMetadata)}
         self.prefix = self._find_prefix()

@@ -2,7 +2,8 @@
 
 Everything is written into a hidden sibling (`.<name>.partial-<pid>-<random>`, same filesystem) that is renamed
 onto the requested path only when the conversion finished; on any error it is removed. A reader therefore never
-sees a half-written checkpoint, and a crashed run leaves at most a hidden `.partial` directory behind.
+sees a half-written checkpoint. A run killed with SIGKILL cannot remove its staging directory; the next conversion
+into the same parent removes the `.partial` siblings of `out` whose writer process is gone.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def staged_output_dir(out: Path) -> Iterator[Path]:
     out = Path(out).absolute()
     check_output_dir_free(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_staging_dirs(out)
     staging = staging_dir_for(out)
     staging.mkdir()
     try:
@@ -42,6 +44,27 @@ def staged_output_dir(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def remove_abandoned_staging_dirs(out: Path) -> list[Path]:
+    """Delete `.<name>.partial-<pid>-*` siblings of `out` whose process no longer runs (a killed conversion's)."""
+    removed = []
+    for candidate in Path(out).parent.glob(f".{Path(out).name}.partial-*"):
+        pid_text = candidate.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
+        if pid_text.isdigit() and not _process_exists(int(pid_text)):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def publish(staging: Path, out: Path) -> None:

@@ -10,22 +10,35 @@ c_ent (entropy segments only) and aggregation. fit-normalizer records it from th
 computes it from the run's reward plan and the reward model's config and refuses a file whose metadata differ,
 printing the ``megaseg fit-normalizer`` command that writes the right one. No silent (0, 1) fallback: kind none is the
 only way to run without statistics, and it is asked for by name.
+
+Integrity: the file carries ``content_sha256``, the sha256 of its other fields (canonical JSON), checked when read; a
+truncated or altered file is an error naming it with the command that writes it again. A file without the field (
+written by hand, e.g. from published coefficients) is read as it is.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 from pathlib import Path
 from typing import Any, Optional
 
-from megaseg.algorithms.normalizer import IdentityNormalizer, Normalizer, load_normalizer, segmentation_label
+from megaseg.algorithms.normalizer import IdentityNormalizer, Normalizer, normalizer_from_dict, segmentation_label
 from megaseg.atomic_io import write_json_atomic
+from megaseg.integrity import DamagedFileError, read_json_file
 from megaseg.config import MegasegConfig
 from megaseg.config.reward import NORMALIZER_KINDS
 from megaseg.config.segmentation import SegmentationConfig
 
 NORMALIZER_FILE = "normalizer.json"  # in the reward-model directory, unless normalizer.path names another file
+CHECKSUM_FIELD = "content_sha256"
+
+
+def content_checksum(content: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of ``content`` without its checksum field."""
+    fields = {key: value for key, value in content.items() if key != CHECKSUM_FIELD}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def normalizer_metadata(model_name: str, segmentation: SegmentationConfig, aggregation: str) -> dict[str, Any]:
@@ -43,7 +56,20 @@ def normalizer_path(config: MegasegConfig, rm_dir: str | os.PathLike) -> Path:
 def write_normalizer(path: Path, normalizer: Normalizer, calibration: dict[str, Any]) -> Path:
     """The normalizer with its calibration record, atomically (call on one rank)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_json_atomic(path, {**normalizer.to_dict(), "calibration": calibration})
+    content = json.loads(json.dumps({**normalizer.to_dict(), "calibration": calibration}, default=str))
+    return write_json_atomic(path, {**content, CHECKSUM_FIELD: content_checksum(content)})
+
+
+def read_normalizer_file(path: Path, repair: str) -> Normalizer:
+    """The normalizer in ``path``, its checksum verified; ValueError naming the file and ``repair`` otherwise."""
+    content = read_json_file(path, "a reward normalizer", repair)
+    if isinstance(content, dict) and CHECKSUM_FIELD in content and content[CHECKSUM_FIELD] != content_checksum(content):
+        raise DamagedFileError(path, f"does not hold what was written (its fields do not match its {CHECKSUM_FIELD}; "
+                                     "if you edited it on purpose, delete that field)", repair)
+    try:
+        return normalizer_from_dict(content)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a valid normalizer ({error}). {repair}") from None
 
 
 def fit_normalizer_hint(config: MegasegConfig, rm_dir: str | os.PathLike, rm_config: MegasegConfig,
@@ -81,10 +107,7 @@ def load_matching_normalizer(config: MegasegConfig, rm_dir: str | os.PathLike, r
     if not path.is_file():
         raise ValueError(f"PPO needs the {kind} reward normalizer of {rm_dir}, but {path} does not exist. Create it "
                          f"with:\n  {hint}")
-    try:
-        normalizer = load_normalizer(path)
-    except (ValueError, json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is not a valid normalizer ({error}); write it again with:\n  {hint}") from None
+    normalizer = read_normalizer_file(path, f"Write it again with:\n  {hint}")
     if normalizer.kind != kind:
         raise ValueError(f"{path} holds a {normalizer.kind!r} normalizer, but normalizer.kind={kind!r}; write one "
                          f"with:\n  {hint}")

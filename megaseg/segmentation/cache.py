@@ -18,6 +18,7 @@ Layout under ``segmentation.cache_dir`` (one directory per cache entry, named by
         manifest.json        the key in clear text, number of pairs and shards
         shard-00000.npz      pairs [0, shard_size): float32 entropies at every response position (offsets per
                              response), prompt lengths, EOS flags
+        shard-00000.json     the shard's size and sha256 (megaseg.integrity), written right after it
         complete.json        written once every shard exists
     segments-<mode>-<digest>/   key: the above (entropy mode) or tokenizer + data (other modes), mode, c_ent / n
         manifest.json, shard-00000.npz (int32 end positions + offsets), complete.json (segment statistics)
@@ -28,11 +29,16 @@ stored entropies in milliseconds instead of rerunning the model. They cost 4 byt
 exact so that a re-cut makes the same boundary decisions as the first cut).
 
 Each shard is written to a temporary file and renamed into place, so a shard file is always complete; a killed run
-resumes by computing only the missing shards. Two jobs must not fill the same entry at the same time.
+resumes by computing only the missing shards. Every use of an entry first checks each shard against its record
+(rank 0, ``shards_to_compute``): a missing, truncated, altered or unrecorded shard is deleted with a warning naming it
+and recomputed, the good shards are kept. Two jobs must not fill the same entry at the same time.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,13 +47,17 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+
 from megaseg.atomic_io import TMP_PREFIX, write_bytes_atomic, write_json_atomic
-from megaseg.parallel.collectives import barrier, is_rank_zero
+from megaseg.integrity import DamagedFileError, check_file, read_json_file
+from megaseg.parallel.collectives import barrier, gather_objects, is_rank_zero
 
 FORMAT_NAME = "megaseg-segment-cache"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 COMPLETE_FILE = "complete.json"
+SHARD_REPAIR = ("Run `megaseg segment --config <the run's config>` (or the command again): it recomputes the damaged "
+                "shards and keeps the good ones")
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,14 @@ class RaggedArray:
 
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+
+def cache_root(config: Any) -> Path:
+    """``segmentation.cache_dir``, or ``<logging.out_dir>/cache/segments`` when it is not set."""
+    from megaseg.config.loader import DEFAULT_CACHE_SUBDIR
+
+    seg = config.segmentation
+    return Path(seg.cache_dir) if seg.cache_dir is not None else Path(config.logging.out_dir) / DEFAULT_CACHE_SUBDIR
 
 
 def open_collectively(root: Path, kind: str, key: dict, num_pairs: int, shard_size: int) -> "ShardedStore":
@@ -129,12 +147,10 @@ class ShardedStore:
         if not path.is_file():
             raise ValueError(f"segmentation cache entry {root} has no {MANIFEST_FILE}; it was not prepared (or was "
                              "deleted while in use); run `megaseg segment` again")
-        try:
-            stored = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error}); delete {root} and run `megaseg segment` again") \
-                from None
+        stored = read_json_file(path, "the cache entry's key", f"Delete {root} and run `megaseg segment` again")
         expected = json.loads(json.dumps(cls._manifest(kind, key, num_pairs, shard_size), default=str))
+        if not isinstance(stored, dict):
+            raise ValueError(f"{path} is not a cache-entry manifest; delete {root} and run `megaseg segment` again")
         if stored != expected:
             differing = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
             raise ValueError(f"{path} describes another cache entry (fields {differing} differ from this run's); "
@@ -156,23 +172,72 @@ class ShardedStore:
     def shard_path(self, shard: int) -> Path:
         return self.root / f"shard-{shard:05d}.npz"
 
+    def record_path(self, shard: int) -> Path:
+        return self.root / f"shard-{shard:05d}.json"
+
+    def check_shard(self, shard: int) -> None:
+        """DamagedFileError unless the shard exists with the size and checksum recorded when it was written."""
+        path = self.shard_path(shard)
+        if not path.is_file():
+            raise DamagedFileError(path, "is missing", SHARD_REPAIR)
+        record = self.record_path(shard)
+        if not record.is_file():
+            raise DamagedFileError(path, f"has no size/checksum record ({record.name}): its write was interrupted or "
+                                         "it was not written by this megaseg", SHARD_REPAIR)
+        content = read_json_file(record, "the shard's size and checksum", SHARD_REPAIR)
+        if not isinstance(content, dict) or not {"size", "sha256"} <= set(content):
+            raise DamagedFileError(record, "is not a size/checksum record", SHARD_REPAIR)
+        check_file(path, content, SHARD_REPAIR)
+
+    def damaged_shards(self) -> dict[int, str]:
+        """shard -> what is wrong with it, for every shard that is missing or fails its check (one process)."""
+        damaged = {}
+        for shard in range(self.num_shards):
+            try:
+                self.check_shard(shard)
+            except DamagedFileError as error:
+                damaged[shard] = str(error)
+        return damaged
+
+    def shards_to_compute(self) -> list[int]:
+        """The shards to (re)compute, the same list on every rank. Rank 0 checks every shard; a damaged one (present
+        but failing its check) is deleted with a warning naming it, and the entry is no longer complete. Collective:
+        no rank writes a shard before every rank has the list."""
+        damaged: dict[int, str] = {}
+        if is_rank_zero():
+            damaged = self.damaged_shards()
+            for shard, problem in damaged.items():
+                if self.shard_path(shard).exists() or self.record_path(shard).exists():
+                    message = f"segmentation cache: {problem}; recomputing it"
+                    warnings.warn(message)
+                    print(f"warning: {message}", flush=True)
+                self.shard_path(shard).unlink(missing_ok=True)
+                self.record_path(shard).unlink(missing_ok=True)
+            if damaged:
+                (self.root / COMPLETE_FILE).unlink(missing_ok=True)
+        shards = sorted(gather_objects(sorted(damaged))[0])
+        barrier()
+        return shards
+
     def missing_shards(self) -> list[int]:
         return [shard for shard in range(self.num_shards) if not self.shard_path(shard).is_file()]
 
     def write_shard(self, shard: int, arrays: Mapping[str, np.ndarray]) -> None:
-        # A file handle: np.savez would append ".npz" to a path.
-        write_bytes_atomic(self.shard_path(shard), lambda handle: np.savez(handle, **arrays))
+        """The shard, then its size/checksum record (both atomic: a shard without a record is recomputed)."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)  # a file handle: np.savez would append ".npz" to a path
+        data = buffer.getvalue()
+        write_bytes_atomic(self.shard_path(shard), lambda handle: handle.write(data))
+        write_json_atomic(self.record_path(shard), {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
 
     def read_shard(self, shard: int) -> dict[str, np.ndarray]:
+        self.check_shard(shard)
         path = self.shard_path(shard)
-        if not path.is_file():
-            raise ValueError(f"segmentation cache shard {path} is missing; run `megaseg segment` to fill the cache")
         try:
             with np.load(path, allow_pickle=False) as loaded:
                 return {name: loaded[name] for name in loaded.files}
-        except (OSError, ValueError, EOFError) as error:
-            raise ValueError(f"{path} is unreadable ({error}); delete it and run `megaseg segment` to recompute it") \
-                from None
+        except Exception as error:  # a recorded file that numpy cannot read (written by a broken writer)
+            raise DamagedFileError(path, f"is unreadable ({type(error).__name__}: {error})", SHARD_REPAIR) from None
 
     def is_complete(self) -> bool:
         return (self.root / COMPLETE_FILE).is_file()
@@ -183,7 +248,7 @@ class ShardedStore:
         write_json_atomic(self.root / COMPLETE_FILE, summary, sort_keys=True)
 
     def read_summary(self) -> dict[str, Any]:
-        return json.loads((self.root / COMPLETE_FILE).read_text())
+        return read_json_file(self.root / COMPLETE_FILE, "the cache entry's summary", SHARD_REPAIR)
 
 
 @dataclass(frozen=True)

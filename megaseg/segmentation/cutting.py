@@ -13,14 +13,13 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from pathlib import Path
 
 from megaseg.algorithms.segmentation import SEGMENTATION_MODES, segment_ends, sentence_end_mask
 from megaseg.config import MegasegConfig
 from megaseg.data.batch import SequenceBatch, collate_sequences
 from megaseg.data.encoding import TokenizedPair, TokenizedSequence
 from megaseg.parallel.collectives import barrier, is_rank_zero, rank, world_size
-from megaseg.segmentation.cache import RaggedArray, SegmentedPairs, ShardedStore, open_collectively
+from megaseg.segmentation.cache import RaggedArray, SegmentedPairs, ShardedStore, cache_root, open_collectively
 from megaseg.segmentation.cache_keys import key_digest, segment_cache_key, segment_settings
 
 # Padding sits after every real token and is masked out of every rule, so any valid id does.
@@ -188,11 +187,10 @@ def ensure_segment_cache(config: MegasegConfig, pairs: Sequence[TokenizedPair],
     """The complete segment entry for ``pairs``, cutting the missing shards; read whole on every rank."""
     settings = segment_settings(config)
     key = segment_cache_key(config, pairs, None if entropy_store is None else entropy_store.root)
-    root = Path(config.segmentation.cache_dir) / f"segments-{config.segmentation.mode}-{key_digest(key)}"
+    root = cache_root(config) / f"segments-{config.segmentation.mode}-{key_digest(key)}"
     store = open_collectively(root, "segments", key, len(pairs), config.segmentation.shard_size)
-    if not store.is_complete():
-        missing = store.missing_shards()
-        barrier()
+    missing = store.shards_to_compute()
+    if missing or not store.is_complete():
         for shard in missing[rank()::world_size()]:
             shard_pairs = [pairs[i] for i in store.pair_range(shard)]
             entropies = _shard_entropies(entropy_store, shard, store, shard_pairs)

@@ -9,7 +9,6 @@ tensor-parallel rank 0, writes the shard.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -22,7 +21,7 @@ from megaseg.models.inference import infer_sequences, tensor_parallel_group
 from megaseg.parallel.collectives import barrier, is_rank_zero, print_rank_zero
 from megaseg.parallel.initialize import ParallelContext
 from megaseg.progress import Progress
-from megaseg.segmentation.cache import RaggedArray, ShardedStore, open_collectively
+from megaseg.segmentation.cache import RaggedArray, ShardedStore, cache_root, open_collectively
 from megaseg.segmentation.cache_keys import entropy_cache_key, key_digest, model_identity
 
 
@@ -72,13 +71,12 @@ def ensure_entropy_cache(config: MegasegConfig, pairs: Sequence[TokenizedPair], 
     is missing, so a complete cache is read without loading any weights."""
     seg = config.segmentation
     key = entropy_cache_key(config, pairs, model_identity(config.model, model=model, parallel_ctx=parallel_ctx))
-    store = open_collectively(Path(seg.cache_dir) / f"entropy-{key_digest(key)}", "entropy", key, len(pairs),
+    store = open_collectively(cache_root(config) / f"entropy-{key_digest(key)}", "entropy", key, len(pairs),
                                seg.shard_size)
-    if store.is_complete():
+    missing = store.shards_to_compute()
+    if not missing and store.is_complete():
         print_rank_zero(f"entropies: reusing {store.root}")
         return store
-    missing = store.missing_shards()
-    barrier()
     mine = missing[parallel_ctx.dp_rank::parallel_ctx.dp_size]
     if missing:
         if model is None:

@@ -13,6 +13,7 @@ import torch
 from megaseg.config import load_config
 from megaseg.parallel.spawn import run_distributed
 from megaseg.checkpoint.step_dirs import LATEST_FILE, RNG_DIR, latest_checkpoint
+from megaseg.integrity import MANIFEST_FILE
 
 ROLE = "reward_model"
 
@@ -130,7 +131,8 @@ def test_step_directories_latest_and_pruning(saved):
     assert (root / LATEST_FILE).read_text().strip() == "step_000003"
     assert latest_checkpoint(root) == root / "step_000003"
     assert load_config(root / "step_000003" / "config.yaml") == _config(tp=2)
-    assert {path.name for path in (root / "step_000003").iterdir()} == {ROLE, RNG_DIR, "progress.json", "config.yaml"}
+    assert {path.name for path in (root / "step_000003").iterdir()} == {ROLE, RNG_DIR, "progress.json", "config.yaml",
+                                                                      MANIFEST_FILE}
 
 
 @pytest.mark.distributed

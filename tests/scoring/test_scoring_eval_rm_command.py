@@ -66,6 +66,11 @@ def test_reward_model_whose_weights_do_not_match_its_config(fixture, tmp_path, c
     config = yaml.safe_load((broken / "config.yaml").read_text())
     config["model"]["hidden_size"] = 128
     (broken / "config.yaml").write_text(yaml.safe_dump(config))
+    # Recorded as written (a hand edit alone is caught by the manifest: tests/fault_injection); the architecture
+    # check is what is tested here.
+    from megaseg.integrity import write_manifest
+
+    write_manifest(broken)
     code, err = _cli_in_process(capsys, "eval-rm", "--ckpt", str(broken), "--data", str(root / "pairs.jsonl"))
     assert code == 2
     assert "was written for another architecture" in err and "model.hidden_size: checkpoint 64, config 128" in err
