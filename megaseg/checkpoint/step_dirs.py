@@ -106,7 +106,7 @@ def check_architecture(where: Path, saved: Optional[dict[str, Any]], model_cfg: 
 
 def check_tensor_shapes(where: Path, model_state: dict[str, Any], saved_tensors: dict[str, Any]) -> None:
     """ValueError for a model tensor the checkpoint lacks or holds with another global shape."""
-    missing, mismatched = [], []
+    missing, mismatched, depths = [], [], set()
     for value in model_state.values():
         for sharded in _sharded_tensors(value):
             saved = saved_tensors.get(sharded.key)
@@ -115,8 +115,17 @@ def check_tensor_shapes(where: Path, model_state: dict[str, Any], saved_tensors:
             elif tuple(saved.global_shape) != tuple(sharded.global_shape):
                 mismatched.append(f"{sharded.key}: checkpoint {tuple(saved.global_shape)}, model "
                                   f"{tuple(sharded.global_shape)}")
+                # megatron stacks a stage's layers on the first axis of each decoder.layers.* tensor
+                if sharded.key.startswith("decoder.layers.") and saved.global_shape[1:] == sharded.global_shape[1:]:
+                    depths.add((saved.global_shape[0], sharded.global_shape[0]))
     if mismatched:
-        raise ValueError(f"checkpoint {where} does not fit this model; tensor shapes differ: " + "; ".join(mismatched))
+        depth = ""
+        if len(depths) == 1 and len(mismatched) == sum(key.startswith("decoder.layers.") for key in mismatched):
+            (saved_layers, model_layers), = depths
+            depth = (f" (the checkpoint has {saved_layers} decoder layers, model.num_layers={model_layers}; set "
+                     "model.num_layers to the checkpoint's)")
+        raise ValueError(f"checkpoint {where} does not fit this model{depth}; tensor shapes differ: "
+                         + "; ".join(mismatched))
     if missing:
         raise ValueError(
             f"checkpoint {where} lacks model tensors {missing[:8]}{' ...' if len(missing) > 8 else ''} (e.g. a "

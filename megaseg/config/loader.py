@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -120,6 +121,35 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         raise ValueError(f"invalid config: {str(error).splitlines()[0]}") from None
+    except ValueError as error:
+        raise ValueError(_with_section_path(merged, str(error))) from None
+
+
+def _with_section_path(merged: DictConfig, message: str) -> str:
+    """A section's own check names its fields from the section down ("optimizer.lr=..."); a section type used in
+    several places (the four optimizers) needs the full path ("ppo.critic_optimizer.lr=..."): the deepest
+    sub-tree that fails by itself says where."""
+
+    def failing(node: DictConfig, path: tuple[str, ...]) -> Optional[tuple[str, ...]]:
+        for key in node.keys():
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                found = failing(child, (*path, str(key)))
+                if found is not None:
+                    return found
+        if not path:
+            return None
+        try:
+            OmegaConf.to_object(node)
+        except ValueError:
+            return path
+        return None
+
+    path = failing(merged, ())
+    own_name = re.match(r"^\w+\.", message)  # the section's name for itself, e.g. "optimizer."
+    if path and own_name:
+        return ".".join(path) + "." + message[own_name.end():]
+    return message
 
 
 def config_to_yaml(config: MegasegConfig) -> str:

@@ -188,7 +188,11 @@ def _write_hf_dir(gguf_path: Path, staging: Path) -> None:
     from gguf import GGUFReader
     from transformers import AutoTokenizer, GenerationConfig
 
-    reader = GGUFReader(str(gguf_path))
+    try:
+        reader = GGUFReader(str(gguf_path))
+    except (ValueError, OSError, EOFError) as error:  # gguf raises ValueError/numpy errors on a damaged header
+        raise ValueError(f"{gguf_path} is not a readable GGUF file ({error}); pass a llama.cpp GGUF model "
+                         "file (download it again if it was cut short)") from None
     info = read_gguf_info(reader)
     writer = HFSafetensorsWriter(staging)
     for name, weight in dequantized_hf_tensors(reader, info):

@@ -73,3 +73,21 @@ def test_a_missing_sft_checkpoint_is_an_error_unless_random_weights_are_asked_fo
         sft_checkpoint_dir(load_config(None, [f"model.checkpoint={tmp_path}"]).model, "train-rm")
     with pytest.raises(ValueError, match="model.random_init=true and model.checkpoint=.* both choose"):
         load_config(None, ["model.random_init=true", f"model.checkpoint={tmp_path}"])
+
+
+def _language_model_with(rank, world_size, sft_dir, num_layers):
+    from megaseg.checkpoint.sft import load_sft_language_model
+    from megaseg.parallel import initialize_parallel
+
+    config = load_config(None, [f"model.checkpoint={sft_dir}", f"model.num_layers={num_layers}"])
+    initialize_parallel(config.parallel, config.seed)
+    try:
+        load_sft_language_model(config, "train-dpo", frozen=True)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def test_an_sft_checkpoint_of_another_depth_is_refused_naming_it(sft_dir):
+    (message,) = run_distributed(_language_model_with, 1, sft_dir, 3)
+    assert message is not None and sft_dir in message and "the checkpoint has 2 decoder layers, model.num_layers=3" in message

@@ -48,6 +48,11 @@ def test_config_is_frozen():
     ("data.max_prompt_length=4096", r"data.max_prompt_length=4096 must be < data.max_length=2048"),
     ("ppo.top_p=0", r"ppo.top_p=0.0 must lie in \(0, 1\]"),
     ("no_equals_sign", r"must look like section.key=value"),
+    # One optimizer type in four places: the error names which one.
+    ("ppo.critic_optimizer.lr=-1", r"^ppo\.critic_optimizer\.lr=-1.0 must be > 0"),
+    ("ppo.actor_optimizer.lr=-1", r"^ppo\.actor_optimizer\.lr=-1.0 must be > 0"),
+    ("rm.optimizer.lr=-1", r"^rm\.optimizer\.lr=-1.0 must be > 0"),
+    ("dpo.optimizer.warmup_ratio=2", r"^dpo\.optimizer\.warmup_ratio=2.0 must lie in"),
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ValueError, match=message):

@@ -117,6 +117,12 @@ def test_gguf_path_errors(tmp_path):
         convert_gguf_to_hf(tmp_path / "empty", tmp_path / "out")
     with pytest.raises(ValueError, match="does not exist"):
         convert_gguf_to_hf(tmp_path / "missing.gguf", tmp_path / "out")
+    # Not a GGUF at all, and a GGUF header cut short: the error names the file.
+    (tmp_path / "random.gguf").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "cut.gguf").write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    for name in ("random.gguf", "cut.gguf"):
+        with pytest.raises(ValueError, match=rf"{tmp_path / name} is not a readable GGUF file"):
+            convert_gguf_to_hf(tmp_path / name, tmp_path / "out")
     _assert_nothing_written(tmp_path / "out")
 
 

@@ -97,6 +97,15 @@ def test_wrong_kind_and_bad_json_are_refused(tmp_path):
     (tmp_path / "normalizer.json").write_text(json.dumps({"kind": "location"}))
     with pytest.raises(ValueError, match="not a valid normalizer"):
         load_plan_normalizer(plan, config, _rm_config("segmentation.entropy_cutoff=2.0"), tmp_path)
+    # A count the fit must have recorded, edited to null: the error names the file and the field.
+    _location(model="tiny-llama", c_ent=2.0, aggregation="mean", segmentation="entropy").save(
+        tmp_path / "normalizer.json")
+    saved = json.loads((tmp_path / "normalizer.json").read_text())
+    saved.pop("content_sha256", None)  # an edit by hand, not damage
+    (tmp_path / "normalizer.json").write_text(json.dumps({**saved, "num_samples": None}))
+    with pytest.raises(ValueError, match=r"normalizer\.json is not a valid normalizer \(normalizer field "
+                                         r"'num_samples' must be a count >= 0, got None\)"):
+        load_plan_normalizer(plan, config, _rm_config("segmentation.entropy_cutoff=2.0"), tmp_path)
 
 
 def test_normalizer_kind_none_needs_no_file(tmp_path):
