@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 HERE = Path(__file__).resolve().parent
 HELPERS = HERE.parent / "helpers"
@@ -88,6 +89,32 @@ def test_killed_run_resumes_from_its_finished_shards(tmp_path):
     resumed, uninterrupted = [json.loads(line[5:]) for line in output.splitlines() if line.startswith("ENDS ")]
     assert resumed == uninterrupted
     assert sum(len(row) - 1 for row in resumed) > 2 * NUM_PAIRS  # the cutoff really cuts
+
+
+@pytest.mark.slow
+@pytest.mark.fault_injection
+def test_kills_at_seeded_random_moments_always_resume_to_the_uninterrupted_result(tmp_path):
+    """Three SIGKILLs at moments drawn from a seeded schedule (anywhere: during start-up, the forward, a shard's
+    write or its rename), each followed by a restart; the last restart finishes and equals an uninterrupted run."""
+    cache = tmp_path / "cache"
+    schedule = np.random.default_rng(20261203).uniform(1.0, 9.0, size=3)
+    killed = 0
+    for trial, kill_after in enumerate(schedule):
+        victim = _start(cache, delay=0.5)
+        time.sleep(kill_after)
+        if victim.poll() is None:
+            victim.send_signal(signal.SIGKILL)
+            killed += 1
+        victim.wait(timeout=60)
+        for path in cache.glob("entropy-*/shard-*.npz"):  # whatever is on disk under its final name is whole
+            with np.load(path) as arrays:
+                assert "chosen_entropy" in arrays.files, (trial, path)
+    assert killed >= 2, f"only {killed} of the runs were still going when their kill came"
+    rerun = _start(cache, delay=0, fresh=tmp_path / "fresh")
+    output, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, output
+    resumed, uninterrupted = [json.loads(line[5:]) for line in output.splitlines() if line.startswith("ENDS ")]
+    assert resumed == uninterrupted
 
 
 if __name__ == "__main__":
