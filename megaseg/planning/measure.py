@@ -1,6 +1,6 @@
 """Measured activation memory of one forward/backward, to hold the planner's activation term against.
 
-On this CPU machine the measure is the process's resident-set high-water mark (``ru_maxrss``) in a fresh process
+On this CPU machine the measure is the process's resident-set high-water mark (VmHWM, reset before the step) in a fresh process
 (megaseg.parallel.spawn starts one per measurement): the resident set just before the measured step (weights and
 gradients already allocated by a short warm-up step) subtracted from the high-water mark after it. That difference
 is what the step's stored activations and backward transients needed at their peak. glibc's malloc is told to map
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import os
-import resource
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +35,21 @@ def _resident_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak() -> None:
+    """Restart the resident-set high-water mark from the current resident set (Linux >= 4.0: writing 5 to
+    clear_refs). ``ru_maxrss`` cannot serve: a spawned child inherits its parent's maximum across exec, so a
+    measurement started from a large process (a long test session) would read the parent's peak."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
 def _peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    """VmHWM of /proc/self/status: the resident-set high-water mark since the last ``_reset_peak``."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError("/proc/self/status has no VmHWM line: this measurement needs Linux")
 
 
 def _measure_in_process(rank: int, world_size: int, model_cfg: ModelConfig, seq: int, batch: int) -> MeasuredStep:
@@ -55,6 +67,7 @@ def _measure_in_process(rank: int, world_size: int, model_cfg: ModelConfig, seq:
     # its activations and transients.
     model(input_ids[:, :8], position_ids[:, :8], None).float().pow(2).mean().backward()
     gc.collect()
+    _reset_peak()
     before, mark_before = _resident_bytes(), _peak_bytes()
     values = model(input_ids, position_ids, None)
     values.float().pow(2).mean().backward()

@@ -8,7 +8,9 @@ from hypothesis import strategies as st
 from kernel_strategies import DEVICE, response_batches
 
 from megaseg.algorithms.normalizer import GlobalNormalizer, IdentityNormalizer, LocationNormalizer
-from megaseg.training.ppo.reward_shaping import interpolate_rewards, kl_penalized_rewards, normalize_rewards
+from megaseg.algorithms.interpolation import token_rewards
+from megaseg.algorithms.ppo import kl_penalty
+from megaseg.algorithms.segmentation import segment_positions
 
 NORMALIZERS = [
     LocationNormalizer(w_mu=0.7668, b_mu=0.4705, w_sigma=0.2569, b_sigma=2.8339, p_min=0.05),  # paper, Phi-3
@@ -18,9 +20,12 @@ NORMALIZERS = [
 
 
 def _torch_phases(normalizer, raw, ends, mask, logp, ref, mode, clip, kl_coef, estimator):
-    normalized, _ = normalize_rewards(normalizer, raw, ends, mask)
-    token_level = interpolate_rewards(normalized, ends, mask, mode, clip)
-    return kl_penalized_rewards(token_level, logp, ref, mask, kl_coef, estimator)
+    """The padded torch path of megaseg.algorithms: normalize at p, interpolate, clamp, KL on the actions."""
+    normalized = normalizer(raw, segment_positions(ends, mask))
+    token_level = token_rewards(normalized, ends, mask, mode).clamp(-clip, clip)
+    zero = torch.zeros((), dtype=token_level.dtype, device=token_level.device)
+    kl = torch.where(mask, kl_penalty(logp, ref, estimator), zero)
+    return torch.where(mask, token_level - kl_coef * kl, zero), kl
 
 
 def _loop(normalizer, raw, ends, mask, logp, ref, mode, clip, kl_coef, estimator):

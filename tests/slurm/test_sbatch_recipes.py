@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FINISHED_STATES, REPO, SlurmCluster
+from slurm_harness import FINISHED_STATES, REPO, SlurmCluster
 from material import smollm2_tokenizer_dir
 from megaseg.parallel.spawn import run_distributed
 
@@ -147,6 +147,7 @@ def test_reward_model_sbatch_preempted_requeued_equals_torchrun(slurm_cluster, m
     assert 2 <= preempted_at < len(torchrun_losses)
     checkpoint = (out_dir / "checkpoints" / "latest").read_text().strip()
     assert checkpoint == f"step_{preempted_at:06d}"
+    slurm_cluster.wait_until_idle()
     slurm_cluster.command("scontrol", "update", f"JobId={job_id}", "StartTime=now")
     info = slurm_cluster.wait(job_id, JOB_TIMEOUT)
     elapsed = time.monotonic() - started

@@ -2,6 +2,8 @@
 import dataclasses
 
 import pytest
+
+from megaseg.integrity import write_manifest
 import torch
 
 from megaseg.config import MegasegConfig, load_config, save_config
@@ -74,6 +76,7 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     step_dir = tmp_path / CHECKPOINTS_DIR / "step_000002"
     step_dir.mkdir(parents=True)
     save_config(dataclasses.replace(config, rm=dataclasses.replace(config.rm, global_batch_size=32)), step_dir)
+    write_manifest(step_dir)  # an intact step directory, as save_training_checkpoint leaves it
     with pytest.raises(ValueError, match=r"cannot resume from .*step_000002: rm.global_batch_size: checkpoint 32, "
                                          r"now 16.*checkpoint.resume=false"):
         resume_latest(config, sections=RewardModelTrainer.config_sections, models={})
