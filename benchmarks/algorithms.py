@@ -39,6 +39,7 @@ The last printed line is one JSON object with all figures.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -141,16 +142,23 @@ def _sequence_batch(r: dict[str, torch.Tensor]):
     return _TRAINER_SEQUENCES[key]
 
 
+@functools.lru_cache(maxsize=1)
+def _trainer_plan():
+    """The reward plan of a segment-PPO run at c_ent = CUTOFF (built once, outside the timed calls)."""
+    from megaseg.config.segmentation import SegmentationConfig
+    from megaseg.training.ppo.reward_plan import RewardPlan
+
+    return RewardPlan(granularity="segment", segmentation=SegmentationConfig(mode="entropy", entropy_cutoff=CUTOFF),
+                      sequence_level=False, aggregation="mean", interpolation="even", normalizer_kind="location")
+
+
 def trainer_pipeline(r: dict[str, torch.Tensor]) -> torch.Tensor:
     """The PPO trainer's own reward phases (megaseg.training.ppo.reward_shaping, called as make_experience calls
     them): entropy segmentation on the padded rollout, then scoring, normalizer, even interpolation + clamp, KL, GAE
     and whitening on the unpadded response tokens, padded back at the end."""
-    from megaseg.config.segmentation import SegmentationConfig
     from megaseg.training.ppo import reward_shaping as shaping
-    from megaseg.training.ppo.reward_plan import RewardPlan
 
-    plan = RewardPlan(granularity="segment", segmentation=SegmentationConfig(mode="entropy", entropy_cutoff=CUTOFF),
-                      sequence_level=False, aggregation="mean", interpolation="even", normalizer_kind="location")
+    plan = _trainer_plan()
     sequences = _sequence_batch(r)
     ends = shaping.cut_segments(plan, sequences, r["entropy"])
     scored = shaping.score_segments(plan, lambda _sequences, _ends: r["values"], sequences, ends)

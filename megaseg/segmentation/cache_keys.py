@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from megaseg.config import MegasegConfig
 from megaseg.config.model import ModelConfig
+from megaseg.config.segmentation import SegmentationConfig
 from megaseg.data.encoding import TokenizedPair
 from megaseg.models.architecture import model_architecture
 from megaseg.parallel.initialize import ParallelContext
@@ -108,8 +109,8 @@ def entropy_cache_key(config: MegasegConfig, pairs: Sequence[TokenizedPair], ide
             "entropy": "fp32 nats, logits[j] predicts token j+1, one value per response token"}
 
 
-def segment_settings(config: MegasegConfig) -> dict[str, Any]:
-    seg = config.segmentation
+def segment_settings(seg: SegmentationConfig) -> dict[str, Any]:
+    """The settings that decide where segments end (the cache key's part, and what a reward model records)."""
     settings: dict[str, Any] = {"mode": seg.mode}
     if seg.mode == "entropy":
         settings["entropy_cutoff"] = float(seg.entropy_cutoff)
@@ -120,7 +121,7 @@ def segment_settings(config: MegasegConfig) -> dict[str, Any]:
 
 def segment_cache_key(config: MegasegConfig, pairs: Sequence[TokenizedPair],
                        entropy_entry: Optional[Path]) -> dict[str, Any]:
-    key: dict[str, Any] = {**segment_settings(config), "shard_size": config.segmentation.shard_size}
+    key: dict[str, Any] = {**segment_settings(config.segmentation), "shard_size": config.segmentation.shard_size}
     if entropy_entry is not None:
         key["entropies"] = entropy_entry.name
     else:

@@ -65,7 +65,7 @@ def _segment_split(config: MegasegConfig, name: str, encoded: EncodedPairs, para
         config = _with_cutoff(config, summary["cutoff_choice"]["entropy_cutoff"])
     segmented = segment_ends_for(config, encoded, parallel_ctx, tokenizer=tokenizer, load_model=sft_model)
     stats = segmented.statistics()
-    summary.update(segment_settings(config), cache_entry=str(segmented.cache_entry), **stats.to_dict())
+    summary.update(segment_settings(config.segmentation), cache_entry=str(segmented.cache_entry), **stats.to_dict())
     print_rank_zero(f"{name}: {len(encoded.pairs)} pairs, {stats.segments_per_response:.2f} segments per response, mean "
             f"segment length {stats.mean_segment_length:.2f} tokens ({segmented.cache_entry})")
     if is_rank_zero():

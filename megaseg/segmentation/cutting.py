@@ -185,7 +185,7 @@ def read_segmented_pairs(store: ShardedStore, settings: dict[str, Any]) -> Segme
 def ensure_segment_cache(config: MegasegConfig, pairs: Sequence[TokenizedPair],
                          entropy_store: Optional[ShardedStore], tokenizer: Any = None) -> SegmentedPairs:
     """The complete segment entry for ``pairs``, cutting the missing shards; read whole on every rank."""
-    settings = segment_settings(config)
+    settings = segment_settings(config.segmentation)
     key = segment_cache_key(config, pairs, None if entropy_store is None else entropy_store.root)
     root = cache_root(config) / f"segments-{config.segmentation.mode}-{key_digest(key)}"
     store = open_collectively(root, "segments", key, len(pairs), config.segmentation.shard_size)

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from megaseg.algorithms.normalizer import Normalizer
 from megaseg.config import MegasegConfig
 from megaseg.config.segmentation import SegmentationConfig
 from megaseg.scoring.normalizer_file import fit_normalizer_hint, load_matching_normalizer, normalizer_metadata
+from megaseg.segmentation.cache_keys import segment_settings
 
 # granularity -> (segmentation.mode of the rollouts, segmentation.mode the reward model was trained with)
 MODES = {
@@ -98,15 +98,6 @@ def resolve_reward_plan(config: MegasegConfig) -> RewardPlan:
                       normalizer_kind=config.normalizer.kind)
 
 
-def _segmentation_key(segmentation: SegmentationConfig) -> dict[str, Any]:
-    key: dict[str, Any] = {"mode": segmentation.mode}
-    if segmentation.mode == "entropy":
-        key["entropy_cutoff"] = float(segmentation.entropy_cutoff)
-    if segmentation.mode == "ngram":
-        key["ngram_size"] = int(segmentation.ngram_size)
-    return key
-
-
 def check_reward_model(plan: RewardPlan, rm_config: MegasegConfig, rm_dir: str) -> None:
     """ValueError unless the reward model in ``rm_dir`` (its training config ``rm_config``) suits ``plan``."""
     _, rm_mode = MODES[plan.granularity]
@@ -120,10 +111,10 @@ def check_reward_model(plan: RewardPlan, rm_config: MegasegConfig, rm_dir: str) 
             f"{rm_mode!r}, but {rm_dir} was trained with {trained.mode!r}; train one with that mode (megaseg "
             f"train-rm segmentation.mode={rm_mode}) or point rm.checkpoint at one"
             + (f" ({hint[trained.mode]})" if trained.mode in hint else ""))
-    if plan.granularity != "bandit_as_segment" and _segmentation_key(trained) != _segmentation_key(plan.segmentation):
+    if plan.granularity != "bandit_as_segment" and segment_settings(trained) != segment_settings(plan.segmentation):
         raise ValueError(
-            f"the reward model {rm_dir} was trained with segmentation {_segmentation_key(trained)}, this run cuts "
-            f"rollouts with {_segmentation_key(plan.segmentation)}; use the same settings (e.g. "
+            f"the reward model {rm_dir} was trained with segmentation {segment_settings(trained)}, this run cuts "
+            f"rollouts with {segment_settings(plan.segmentation)}; use the same settings (e.g. "
             f"segmentation.entropy_cutoff={trained.entropy_cutoff:g}) or a reward model trained with yours")
     if rm_config.rm.aggregation != plan.aggregation:
         raise ValueError(

@@ -4,8 +4,6 @@ by the invariant check every trainer shares, naming the setting."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
 
 import pytest
 import torch
@@ -45,19 +43,12 @@ def _save_sft(rank, world_size, config):
 
 
 def _train(rank, world_size, config, kill_after_step=None):
+    from fault_material import die_after_saving
     from megaseg.parallel import initialize_parallel
     from megaseg.training.dpo.trainer import DPOTrainer
 
     if kill_after_step is not None:
-        real_save = DPOTrainer.save
-
-        def save_then_die(self, progress):
-            path = real_save(self, progress)
-            if progress.step == kill_after_step:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return path
-
-        DPOTrainer.save = save_then_die
+        die_after_saving(DPOTrainer, kill_after_step)
     trainer = DPOTrainer.from_config(config, initialize_parallel(config.parallel, config.seed))
     trainer.run()
     return {name: param.detach().clone() for name, param in trainer.policy.model.module.named_parameters()}

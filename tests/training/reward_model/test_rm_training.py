@@ -5,8 +5,6 @@ Every training run happens in fresh spawned processes (megatron's parallel state
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
 
 import pytest
 import torch
@@ -177,18 +175,11 @@ def test_parallel_training_equals_one_process(layout, three_steps_at_tp1, tokeni
 
 def _train_and_die_after_checkpoint(rank, world_size, config, kill_at_step):
     """A train-rm run that is SIGKILLed right after writing its checkpoint of `kill_at_step` (no clean-up runs)."""
+    from fault_material import die_after_saving
     from megaseg.parallel import initialize_parallel
     from megaseg.training.reward_model.trainer import RewardModelTrainer
 
-    real_save = RewardModelTrainer.save
-
-    def save_then_die(self, progress):
-        path = real_save(self, progress)
-        if progress.step == kill_at_step:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return path
-
-    RewardModelTrainer.save = save_then_die
+    die_after_saving(RewardModelTrainer, kill_at_step)
     RewardModelTrainer.from_config(config, initialize_parallel(config.parallel, config.seed)).run()
 
 
