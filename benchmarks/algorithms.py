@@ -162,10 +162,9 @@ def trainer_pipeline(r: dict[str, torch.Tensor]) -> torch.Tensor:
     sequences = _sequence_batch(r)
     ends = shaping.cut_segments(plan, sequences, r["entropy"])
     scored = shaping.score_segments(plan, lambda _sequences, _ends: r["values"], sequences, ends)
-    normalized, _ = shaping.normalize_rewards(NORMALIZER, scored)
-    dense = shaping.interpolate_rewards(normalized, scored, "even", CLAMP)
-    rewards, _ = shaping.kl_penalized_rewards(dense, r["logp"], r["ref_logp"], scored.responses, KL_COEF, "k1")
-    advantages, _ = shaping.compute_advantages(rewards, r["critic"], scored.responses, gamma=GAMMA, lam=LAM,
+    shaped = shaping.shape_rewards(NORMALIZER, scored, r["logp"], r["ref_logp"], interpolation="even", clip=CLAMP,
+                                   kl_coef=KL_COEF, estimator="k1")
+    advantages, _ = shaping.compute_advantages(shaped.rewards, r["critic"], scored.responses, gamma=GAMMA, lam=LAM,
                                                whiten=True, parallel_ctx=None)
     return scored.responses.pad(advantages)
 

@@ -8,7 +8,10 @@ Kernels, each through the same dispatch point the trainers call (``kernels_mode(
 - ``vocab_entropy`` / ``vocab_log_probs``: ``vocab_parallel_entropy`` / ``vocab_parallel_log_probs`` on one
   ``[tokens, vocab_shard]`` bf16 shard (a 128k vocabulary at TP=2), forward, and ``vocab_log_probs_backward``;
 - ``gae``: ``advantages.gae(contiguous=True)`` of ``[batch, seq]`` fp32 rollouts;
-- ``masked_moments``: ``ppo.masked_moments`` of the advantages.
+- ``masked_moments``: ``ppo.masked_moments`` of the advantages;
+- ``reward_shaping``: the PPO experience maker's ``shape_rewards`` (location normalizer, even interpolation, clamp,
+  k3 KL) on a scored ``[batch, seq]`` rollout: the fused kernel (with the pad / unpad around it) against the
+  unpadded torch phases; its bytes count the kernel's own reads and writes.
 
 Bytes are what the op must read and write at least (the logits once per pass, each per-token tensor once); time is
 the median of CUDA-event-timed repeats after a warm-up. Peak bandwidth: the device's datasheet figure when its name
@@ -33,9 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megaseg.algorithms.advantages import gae  # noqa: E402
 from megaseg.algorithms.aggregation import aggregate_segment_rewards  # noqa: E402
+from megaseg.algorithms.normalizer import LocationNormalizer  # noqa: E402
 from megaseg.algorithms.ppo import masked_moments  # noqa: E402
+from megaseg.config.segmentation import SegmentationConfig  # noqa: E402
+from megaseg.data.batch import SequenceBatch  # noqa: E402
 from megaseg.kernels import kernels_mode  # noqa: E402
 from megaseg.parallel.vocab_parallel import vocab_parallel_entropy, vocab_parallel_log_probs  # noqa: E402
+from megaseg.training.ppo.reward_plan import RewardPlan  # noqa: E402
+from megaseg.training.ppo.reward_shaping import score_segments, shape_rewards  # noqa: E402
 
 # Datasheet HBM bandwidth (bytes/s) by a substring of torch.cuda.get_device_name().
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H100": 3.35e12,
@@ -122,6 +130,22 @@ def _cases(device, quick: bool, gpu: bool) -> dict:
         with kernels_mode(mode):
             return masked_moments(values, response)
 
+    # A scored rollout as the experience maker has it (segment ends: the random ones, no EOS).
+    plan = RewardPlan(granularity="segment", segmentation=SegmentationConfig(mode="entropy", entropy_cutoff=2.0),
+                      sequence_level=False, aggregation="mean", interpolation="even", normalizer_kind="location")
+    ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+    rollout = SequenceBatch(ids, response.clone(), response, torch.zeros_like(response), ids)
+    scored = score_segments(plan, lambda _sequences, _ends: values, rollout, ends)
+    normalizer = LocationNormalizer(w_mu=0.7668, b_mu=0.4705, w_sigma=0.2569, b_sigma=2.8339, p_min=0.05)
+    log_probs = -torch.rand(batch, seq, generator=generator).mul_(5).to(device)
+    ref_log_probs = log_probs - torch.randn(batch, seq, generator=generator).mul_(0.1).to(device)
+
+    def reward_shaping(mode):
+        with kernels_mode(mode):
+            shaped = shape_rewards(normalizer, scored, log_probs, ref_log_probs, interpolation="even", clip=10.0,
+                                   kl_coef=0.05, estimator="k3")
+        return torch.cat([shaped.normalized, shaped.token_rewards, shaped.kl, shaped.rewards])
+
     logits_bytes = logits.numel() * logits.element_size()
     return {
         "segment_reduce": (segment_reduce, n * (4 + 1) + n * (1 + 4)),  # forward reads ends+values, backward ends+grad
@@ -131,6 +155,8 @@ def _cases(device, quick: bool, gpu: bool) -> dict:
         "vocab_log_probs_backward": (vocab_log_probs_backward, 3 * logits_bytes),
         "gae": (run_gae, n * (4 + 4 + 1 + 4 + 4)),
         "masked_moments": (moments, n * (4 + 1)),
+        # Reads raw rewards, ends, mask and both log-probs, writes four fp32 outputs.
+        "reward_shaping": (reward_shaping, n * (4 + 1 + 1 + 4 + 4 + 4 * 4)),
     }
 
 

@@ -16,6 +16,8 @@ previous end, for |a_t|), and writes the token's reward and KL. Only the reward 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -31,8 +33,8 @@ KL_CODES = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
 
 
 @triton.jit
-def _shape_rewards_kernel(raw_ptr, ends_ptr, mask_ptr, logp_ptr, ref_ptr, end_at_ptr, end_raw_ptr, rewards_ptr, kl_ptr,
-                          seq, p_min, w_mu, b_mu, w_sigma, b_sigma, log_eps, clip, kl_coef,
+def _shape_rewards_kernel(raw_ptr, ends_ptr, mask_ptr, logp_ptr, ref_ptr, end_at_ptr, end_raw_ptr, normalized_ptr,
+                          token_ptr, rewards_ptr, kl_ptr, seq, p_min, w_mu, b_mu, w_sigma, b_sigma, log_eps, clip, kl_coef,
                           NORM: tl.constexpr, MODE: tl.constexpr, KL: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * seq
@@ -79,6 +81,8 @@ def _shape_rewards_kernel(raw_ptr, ends_ptr, mask_ptr, logp_ptr, ref_ptr, end_at
         else:
             token = tl.where(offs == end_at, normalized, 0.0)
         token = tl.minimum(tl.maximum(tl.where(in_segment, token, 0.0), -clip), clip)
+        tl.store(normalized_ptr + base + offs, tl.where(in_segment & (offs == end_at), normalized, 0.0), mask=inside)
+        tl.store(token_ptr + base + offs, token, mask=inside)
         log_ratio = (tl.load(logp_ptr + base + offs, mask=response, other=0.0).to(tl.float32)
                      - tl.load(ref_ptr + base + offs, mask=response, other=0.0).to(tl.float32))
         if KL == 0:
@@ -111,12 +115,21 @@ def _normalizer_code(normalizer: Normalizer) -> tuple[int, tuple[float, ...]]:
     raise ValueError(f"the fused reward-shaping kernel does not know normalizer kind {normalizer.kind!r}")
 
 
+class ShapedTokenRewards(NamedTuple):
+    """The fused kernel's outputs, ``[batch, seq]`` fp32, 0 where the torch phases have nothing."""
+
+    normalized: torch.Tensor  # the normalized segment reward at each reward end
+    token_rewards: torch.Tensor  # after interpolation and the clamp
+    rewards: torch.Tensor  # token_rewards - kl_coef * KL on the actions
+    kl: torch.Tensor  # the KL estimate on the actions
+
+
 def shape_token_rewards(normalizer: Normalizer, raw_rewards: torch.Tensor, reward_ends: torch.Tensor,
                         action_mask: torch.Tensor, log_probs: torch.Tensor, ref_log_probs: torch.Tensor, *,
-                        mode: str, clip: float, kl_coef: float, estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rewards, KL) ``[batch, seq]`` fp32: ``kl_penalized_rewards(interpolate_rewards(normalize_rewards(...)))``
-    in one kernel (module docstring). ``raw_rewards`` is read at ``reward_ends`` only; ``action_mask`` is one run per
-    row holding the ends (the caller's segmentation guarantees it)."""
+                        mode: str, clip: float, kl_coef: float, estimator: str) -> ShapedTokenRewards:
+    """``normalize_rewards`` -> ``interpolate_rewards`` -> ``kl_penalized_rewards`` in one kernel (module
+    docstring), each phase's result kept. ``raw_rewards`` is read at ``reward_ends`` only; ``action_mask`` is one run
+    per row holding the ends (the caller's segmentation guarantees it)."""
     if mode not in MODE_CODES:
         raise ValueError(f"interpolation mode={mode!r} is not allowed; choose one of {list(INTERPOLATION_MODES)}")
     if estimator not in KL_CODES:
@@ -129,14 +142,13 @@ def shape_token_rewards(normalizer: Normalizer, raw_rewards: torch.Tensor, rewar
     norm, params = _normalizer_code(normalizer)
     batch, seq = shape
     device = action_mask.device
-    rewards = torch.empty(shape, dtype=torch.float32, device=device)
-    kl = torch.empty_like(rewards)
+    normalized, token, rewards, kl = (torch.empty(shape, dtype=torch.float32, device=device) for _ in range(4))
     end_at = torch.empty(shape, dtype=torch.int32, device=device)
     end_raw = torch.empty(shape, dtype=torch.float32, device=device)
     if batch and seq:
         _shape_rewards_kernel[(batch,)](
             raw_rewards.contiguous(), reward_ends.contiguous().view(torch.uint8),
             action_mask.contiguous().view(torch.uint8), log_probs.contiguous(), ref_log_probs.contiguous(), end_at,
-            end_raw, rewards, kl, seq, *(float(x) for x in params), LOG_EPS, float(clip), float(kl_coef),
+            end_raw, normalized, token, rewards, kl, seq, *(float(x) for x in params), LOG_EPS, float(clip), float(kl_coef),
             NORM=norm, MODE=MODE_CODES[mode], KL=KL_CODES[estimator], BLOCK=BLOCK)
-    return rewards, kl
+    return ShapedTokenRewards(normalized, token, rewards, kl)

@@ -25,7 +25,8 @@ def _torch_phases(normalizer, raw, ends, mask, logp, ref, mode, clip, kl_coef, e
     token_level = token_rewards(normalized, ends, mask, mode).clamp(-clip, clip)
     zero = torch.zeros((), dtype=token_level.dtype, device=token_level.device)
     kl = torch.where(mask, kl_penalty(logp, ref, estimator), zero)
-    return torch.where(mask, token_level - kl_coef * kl, zero), kl
+    return (torch.where(ends, normalized, zero), token_level, torch.where(mask, token_level - kl_coef * kl, zero),
+            kl)
 
 
 def _loop(normalizer, raw, ends, mask, logp, ref, mode, clip, kl_coef, estimator):
@@ -69,11 +70,13 @@ def test_fused_shaping_matches_the_torch_phases_and_the_loop(batch, normalizer, 
     ref = logp - torch.randn(mask.shape, generator=generator).mul_(0.3).to(DEVICE) * (
         torch.rand(mask.shape, generator=generator) < 0.5).to(DEVICE).add(1e-3)
     kwargs = dict(mode=mode, clip=clip, kl_coef=0.05, estimator=estimator)
-    rewards, kl = shape_token_rewards(normalizer, raw, ends, mask, logp, ref, **kwargs)
-    torch_rewards, torch_kl = _torch_phases(normalizer, torch.nan_to_num(raw), ends, mask, logp, ref,
-                                            mode, clip, 0.05, estimator)
+    normalized, token_level, rewards, kl = shape_token_rewards(normalizer, raw, ends, mask, logp, ref, **kwargs)
+    torch_normalized, torch_token_level, torch_rewards, torch_kl = _torch_phases(
+        normalizer, torch.nan_to_num(raw), ends, mask, logp, ref, mode, clip, 0.05, estimator)
     loop_rewards, loop_kl = _loop(normalizer, raw.cpu(), ends.cpu(), mask.cpu(), logp.cpu(), ref.cpu(), **kwargs)
     assert torch.isfinite(rewards).all(), "NaN off the reward ends leaked in"
+    torch.testing.assert_close(normalized, torch_normalized, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(token_level, torch_token_level, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(rewards, torch_rewards, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(kl, torch_kl, atol=1e-8, rtol=1e-5)
     torch.testing.assert_close(rewards.cpu().double(), loop_rewards, atol=2e-6, rtol=1e-5)

@@ -4,9 +4,10 @@
     reference_forward  reference log-probs AND entropies, from one forward of the frozen SFT model
     critic_forward     V(state before each token)
     score_segments     segment ends (entropy rule or the baseline's), reward-model head at the ends
-    normalize          location-aware normalizer (or the ablation's / the bandit scalar)
-    interpolate        even / repeat / none, then clamp to [-reward_clip, reward_clip]
-    advantages         minus kl_coef * KL per token, GAE (gamma, lambda), whitening over all data-parallel ranks
+    shape_rewards      location-aware normalizer (or the ablation's / the bandit scalar), even / repeat / none
+                       interpolation, clamp to [-reward_clip, reward_clip], minus kl_coef * KL per token (one fused
+                       Triton kernel when megaseg.kernels selects it)
+    advantages         GAE (gamma, lambda), whitening over all data-parallel ranks
 
 The reward phases run on the unpadded response tokens (megaseg.training.ppo.reward_shaping); what the Experience
 keeps is padded back once. Every tensor of it is ``[B, S]`` in token positions (megaseg.models.inference gives the alignment: log-probs at j are of
@@ -33,10 +34,8 @@ from megaseg.training.ppo.reward_shaping import (
     SentenceMarker,
     compute_advantages,
     cut_segments,
-    interpolate_rewards,
-    kl_penalized_rewards,
-    normalize_rewards,
     score_segments,
+    shape_rewards,
 )
 
 
@@ -135,15 +134,13 @@ def make_experience(rollout: SequenceBatch, sources: ExperienceSources, plan: Re
     with timer.phase("score_segments"):
         ends = cut_segments(plan, rollout, reference.entropy, sources.sentence_marker)
         scored = score_segments(plan, sources.scorer, rollout, ends)
-    with timer.phase("normalize"):
-        normalized, positions = normalize_rewards(sources.normalizer, scored)
-    with timer.phase("interpolate"):
-        token_level = interpolate_rewards(normalized, scored, plan.interpolation, ppo.reward_clip)
+    with timer.phase("shape_rewards"):
+        shaped = shape_rewards(sources.normalizer, scored, actor.log_probs, reference.log_probs,
+                               interpolation=plan.interpolation, clip=ppo.reward_clip, kl_coef=kl_coef,
+                               estimator=ppo.kl_estimator)
     with timer.phase("advantages"):
-        rewards, kl = kl_penalized_rewards(token_level, actor.log_probs, reference.log_probs, scored.responses,
-                                           kl_coef, ppo.kl_estimator)
-        advantages, returns = compute_advantages(rewards, values, scored.responses, gamma=ppo.gamma, lam=ppo.lam,
-                                                 whiten=ppo.whiten_advantages, parallel_ctx=parallel_ctx)
+        advantages, returns = compute_advantages(shaped.rewards, values, scored.responses, gamma=ppo.gamma,
+                                                 lam=ppo.lam, whiten=ppo.whiten_advantages, parallel_ctx=parallel_ctx)
     pad = scored.responses.pad
     zero = torch.zeros((), dtype=values.dtype)
     return Experience(
@@ -152,6 +149,7 @@ def make_experience(rollout: SequenceBatch, sources: ExperienceSources, plan: Re
         ref_log_probs=torch.where(action_mask, reference.log_probs, zero),
         action_entropy=torch.where(action_mask, shift_right(actor.entropy), zero),
         ref_entropy=reference.entropy, values=torch.where(action_mask, values, zero), segment_ends=ends,
-        reward_ends=scored.reward_ends, positions=scored.padded(positions), raw_rewards=scored.padded(scored.raw),
-        normalized_rewards=scored.padded(normalized), token_rewards=pad(token_level), kl=pad(kl),
-        rewards=pad(rewards), advantages=pad(advantages), returns=pad(returns))
+        reward_ends=scored.reward_ends, positions=scored.padded(shaped.positions),
+        raw_rewards=scored.padded(scored.raw), normalized_rewards=scored.padded(shaped.normalized),
+        token_rewards=pad(shaped.token_rewards), kl=pad(shaped.kl), rewards=pad(shaped.rewards),
+        advantages=pad(advantages), returns=pad(returns))

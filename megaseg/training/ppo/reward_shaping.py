@@ -23,6 +23,7 @@ from megaseg.algorithms.segmentation import segment_ends
 from megaseg.algorithms.unpadded import UnpaddedResponses, UnpaddedSegments, gae, normalize
 from megaseg.algorithms.validation import check_choice
 from megaseg.data.batch import SequenceBatch
+from megaseg.kernels.dispatch import use_triton
 from megaseg.parallel.collectives import sum_over_data_parallel
 from megaseg.parallel.initialize import ParallelContext
 from megaseg.training.ppo.reward_plan import RewardPlan
@@ -131,6 +132,39 @@ def kl_penalized_rewards(token_level: torch.Tensor, log_probs: torch.Tensor, ref
     actions; 0 in the pad slots."""
     kl = kl_penalty(responses.unpad(log_probs), responses.unpad(ref_log_probs), estimator).mul_(responses.real_float)
     return token_level - kl_coef * kl, kl
+
+
+@dataclass(frozen=True, eq=False)
+class ShapedRewards:
+    """What reward shaping gives the advantages and the logs."""
+
+    normalized: torch.Tensor     # [K] the normalizer's output per reward segment
+    positions: torch.Tensor      # [K] location p of each
+    token_rewards: torch.Tensor  # [slots] after interpolation and the clamp
+    kl: torch.Tensor             # [slots] KL estimate on the actions
+    rewards: torch.Tensor        # [slots] token_rewards - kl_coef * kl: what GAE consumes
+
+
+def shape_rewards(normalizer: Normalizer, scored: ScoredSegments, log_probs: torch.Tensor,
+                  ref_log_probs: torch.Tensor, *, interpolation: str, clip: float, kl_coef: float,
+                  estimator: str) -> ShapedRewards:
+    """normalize -> interpolate -> clamp -> KL penalty: the three functions above, or the same math in one fused
+    Triton kernel where ``megaseg.kernels.dispatch`` selects the kernels (``kernels: auto`` on CUDA). Either way
+    the results are the same (tests/training/ppo/test_experience_phases.py runs both)."""
+    positions = scored.reward_segments.positions()
+    if use_triton(scored.raw):
+        from megaseg.kernels.reward_shaping import shape_token_rewards
+
+        fused = shape_token_rewards(normalizer, scored.padded(scored.raw), scored.reward_ends,
+                                    scored.responses.pad(scored.responses.real), log_probs, ref_log_probs,
+                                    mode=interpolation, clip=clip, kl_coef=kl_coef, estimator=estimator)
+        unpad = scored.responses.unpad
+        normalized = unpad(fused.normalized).index_select(0, scored.reward_segments.end_at)
+        return ShapedRewards(normalized, positions, unpad(fused.token_rewards), unpad(fused.kl), unpad(fused.rewards))
+    normalized = normalize(normalizer, scored.raw, scored.reward_segments)
+    token_level = interpolate_rewards(normalized, scored, interpolation, clip)
+    rewards, kl = kl_penalized_rewards(token_level, log_probs, ref_log_probs, scored.responses, kl_coef, estimator)
+    return ShapedRewards(normalized, positions, token_level, kl, rewards)
 
 
 def compute_advantages(rewards: torch.Tensor, values: torch.Tensor, responses: UnpaddedResponses, *, gamma: float,

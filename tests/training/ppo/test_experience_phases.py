@@ -5,10 +5,13 @@ rollout batch (a finished response, a truncated one, an EOS-only one, a long one
 normalizer and interpolation of the paper, and also returns the models' dense outputs. The test process then rebuilds
 each row's experience with Python loops from those dense outputs and compares field by field: actor and reference
 log-probs, reference entropies, critic values, segment ends, raw / normalized / interpolated+clamped rewards, KL,
-rewards, GAE advantages (whitened over the batch) and returns.
+rewards, GAE advantages (whitened over the batch) and returns. Every case runs twice, with ``kernels: torch`` and
+with ``kernels: triton`` (the fused reward-shaping, GAE, moments and vocabulary kernels, in Triton's interpreter on
+this CPU): the trainer's code is the same, and both must match the reference.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -43,6 +46,7 @@ CASES = {
                                "ppo.interpolation=none", "rm.aggregation=sum", "ppo.lam=0.9", "ppo.gamma=0.99"],
                               "bandit"),
 }
+KERNELS = ("torch", "triton")
 FIELDS = ("log_probs", "ref_log_probs", "ref_entropy", "values", "raw_rewards", "positions", "normalized_rewards",
           "token_rewards", "kl", "rewards", "returns")
 
@@ -75,6 +79,7 @@ def _normalizer(spec: str, mode: str):
 
 
 def _run_cases(rank, world_size):
+    from megaseg.kernels.dispatch import kernels_mode
     from megaseg.models.gpt import build_gpt_model
     from megaseg.models.scalar_head import build_critic, build_reward_model
     from megaseg.parallel import initialize_parallel
@@ -101,16 +106,17 @@ def _run_cases(rank, world_size):
     from megaseg.algorithms.entropy import token_entropy
     cutoff = float(token_entropy(dense["ref_logits"])[rollout.response_mask].median())
     results = {}
-    for name, (overrides, spec) in CASES.items():
+    for (name, (overrides, spec)), kernels in itertools.product(CASES.items(), KERNELS):
         config = tiny_config(f"segmentation.entropy_cutoff={cutoff}", *overrides)
         plan = resolve_reward_plan(config)
         sources = ExperienceSources(actor=actor, reference=reference, critic=critic,
                                     scorer=RewardModelScorer(reward_model, ctx, micro_batch_size=3),
                                     normalizer=_normalizer(spec, plan.segmentation.mode),
                                     sentence_marker=sentence_marker_every_7th)
-        experience = make_experience(rollout, sources, plan, config.ppo, KL_COEF, ctx, PhaseTimer())
-        results[name] = {field: getattr(experience, field) for field in (*FIELDS, "segment_ends", "advantages")}
-        results[name]["config"] = config
+        with kernels_mode(kernels):
+            experience = make_experience(rollout, sources, plan, config.ppo, KL_COEF, ctx, PhaseTimer())
+        got = {field: getattr(experience, field) for field in (*FIELDS, "segment_ends", "advantages")}
+        results[name, kernels] = dict(got, config=config)
     return rollout, dense, cutoff, results
 
 
@@ -152,10 +158,11 @@ def _reference_rows(rollout, dense, settings) -> list[dict]:
     return rows
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_every_phase_matches_the_per_sequence_reference(computed, name):
+def test_every_phase_matches_the_per_sequence_reference(computed, name, kernels):
     rollout, dense, cutoff, results = computed
-    got = results[name]
+    got = results[name, kernels]
     settings = _settings(got["config"], CASES[name][1], cutoff)
     rows = _reference_rows(rollout, dense, settings)
     whitened = ref.whiten_batch(rows)
@@ -165,7 +172,7 @@ def test_every_phase_matches_the_per_sequence_reference(computed, name):
         for field in FIELDS:
             actual = got[field][row, :length].double()
             torch.testing.assert_close(actual, torch.tensor(expected[field], dtype=torch.float64), rtol=1e-4,
-                                       atol=2e-5, msg=lambda m: f"{name} row {row} {field}: {m}")
+                                       atol=2e-5, msg=lambda m: f"{name} {kernels} row {row} {field}: {m}")
         torch.testing.assert_close(got["advantages"][row, :length].double(),
                                    torch.tensor(whitened[row], dtype=torch.float64), rtol=1e-4, atol=2e-5)
         # Nothing after the response: padding columns carry no reward, KL, value or advantage.
@@ -173,8 +180,21 @@ def test_every_phase_matches_the_per_sequence_reference(computed, name):
             assert not got[field][row, length:].any(), (name, row, field)
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_kernels_give_the_torch_results(computed, name):
+    """Beyond both matching the reference to its tolerance: the fused kernels agree with the torch phases to float
+    rounding, field by field (segment ends exactly)."""
+    _, _, _, results = computed
+    torch_run, triton_run = results[name, "torch"], results[name, "triton"]
+    assert torch.equal(torch_run["segment_ends"], triton_run["segment_ends"])
+    for field in (*FIELDS, "advantages"):
+        torch.testing.assert_close(triton_run[field], torch_run[field], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{name} {field}: {m}")
+
+
 def test_the_cases_exercise_what_they_claim(computed):
     rollout, dense, cutoff, results = computed
+    results = {name: got for (name, kernels), got in results.items() if kernels == "torch"}
     ends = results["segment-location-even"]["segment_ends"]
     # Entropy segments: more than one segment on the long row, EOS never an end except on the EOS-only row.
     assert int(ends[3].sum()) > 1
