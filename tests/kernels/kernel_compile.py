@@ -55,7 +55,8 @@ def _variants():
         for mode in range(3):
             for kl in range(4):
                 sig = {"raw_ptr": p32, "ends_ptr": pu8, "mask_ptr": pu8, "logp_ptr": p32, "ref_ptr": p32,
-                       "end_at_ptr": pi32, "end_raw_ptr": p32, "rewards_ptr": p32, "kl_ptr": p32, "seq": "i32",
+                       "end_at_ptr": pi32, "end_raw_ptr": p32, "normalized_ptr": p32, "token_ptr": p32, "rewards_ptr": p32,
+                       "kl_ptr": p32, "seq": "i32",
                        **{k: "fp32" for k in ("p_min", "w_mu", "b_mu", "w_sigma", "b_sigma", "log_eps", "clip",
                                              "kl_coef")},
                        "NORM": "constexpr", "MODE": "constexpr", "KL": "constexpr", "BLOCK": "constexpr"}
