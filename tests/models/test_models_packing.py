@@ -4,7 +4,8 @@ Unit checks: position ids restart per sequence, cu_seqlens bound every sequence 
 unpacking returns each row's tokens; the reward-model and DPO collation keep chosen/rejected pairing and segment
 ends when packed.
 
-Model checks at TP=1 (one process), TP=2 and PP=2 (two gloo processes each), on the tiny default model with ragged
+Model checks at TP=1 (one process), TP=2 and PP=2 (two gloo processes each), on the tiny model (grouped-query
+attention) with ragged
 rows: per-position reward-model values, the LM's entropies and token log-probs (through the frozen runner,
 ``infer_sequences`` / ``infer_batch``), and the segment Bradley-Terry loss, the DPO loss and the PPO actor/critic
 losses with their gradients, packed against the same rows run one sequence at a time ([1, L], no padding) or
@@ -161,7 +162,9 @@ def _run_layout(rank, world_size, tp, pp):
 
     parallel_cfg = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     ctx = initialize_parallel(parallel_cfg, seed=11)
-    model_cfg = ModelConfig()
+    # Grouped-query attention (4 heads, 2 key/value groups), as SmolLM2 and Llama have: also at TP=2 (2 heads per rank
+    # sharing 1 group).
+    model_cfg = ModelConfig(num_query_groups=2)
     rm = build_reward_model(model_cfg, parallel_cfg, seed=7)
     lm = build_gpt_model(model_cfg, parallel_cfg)
     tp_group = tensor_parallel_group(ctx)
