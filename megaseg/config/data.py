@@ -35,6 +35,11 @@ class DataConfig:
     eval_fraction: float = 0.0
     skip_invalid: bool = False
     shuffle: bool = True
+    # Sequence packing (megaseg.models.packing): the forwards over variable-length rows (reward-model training,
+    # scoring and validation, the entropy pass, DPO, the PPO experience forwards and updates) run the real tokens of
+    # a micro-batch back to back in one row, each sequence attending to itself only, instead of right-padding every
+    # row to the longest. Same outputs to float tolerance; off runs the padded path.
+    packing: bool = True
 
     def __post_init__(self) -> None:
         check_choice("data.format", self.format, PREFERENCE_FORMATS)

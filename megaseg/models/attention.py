@@ -13,6 +13,13 @@ Semantics kept from DotProductAttention:
   additive -10000 bias; a fully masked row then averages with its own scores' weights instead of uniformly: only
   padding positions, whose outputs nothing reads, can differ, and neither is NaN;
 - grouped-query attention without repeating keys and values (``enable_gqa``).
+Packed sequences (megatron's THD format, ``PackedSeqParams(qkv_format="thd")``, megaseg.models.packing): query
+``[t, heads, d]`` and key/value ``[t, groups, d]`` hold several sequences back to back (megatron's Attention has
+already squeezed the batch dimension and rotated each sequence from position 0); each sequence attends causally to
+itself only, by one causal SDPA call per sequence of ``cu_seqlens``. Measured on 2 CPU cores (9 heads, 3 groups,
+d 64): 8 / 32 sequences of 50-400 tokens took 122 / 1538 ms per call this way against 544 / 18620 ms with one
+block-diagonal causal mask over the whole pack (the mask costs t^2 and loses the fused causal kernel); only for
+many short sequences (32 of 50-100 tokens) was the mask slightly faster (1335 against 1572 ms).
 What it refuses (an error at construction): query-key layer scaling, softmax offsets, sliding windows; those stay
 with DotProductAttention (``SDPAttention.supports(config)`` says which a config gets).
 """
@@ -46,12 +53,51 @@ class SDPAttention(DotProductAttention):
                              "build those layers with megatron's DotProductAttention")
         super().__init__(config, *args, **kwargs)
 
+    def _dropout_and_rng(self):
+        dropout = self.attention_dropout.p if self.training else 0.0
+        # Dropout draws from the tensor-parallel RNG stream, as DotProductAttention's does (each rank its own heads).
+        rng = (tensor_parallel.get_cuda_rng_tracker().fork() if dropout and not self.config.sequence_parallel
+               else contextlib.nullcontext())
+        return dropout, rng
+
+    def _packed_forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        packed_seq_params) -> torch.Tensor:
+        # The padded offsets when given, as megatron's RoPE uses them: they are where the sequences lie in the pack.
+        cu_seqlens = (packed_seq_params.cu_seqlens_q_padded if packed_seq_params.cu_seqlens_q_padded is not None
+                      else packed_seq_params.cu_seqlens_q)
+        if packed_seq_params.cu_seqlens_kv is not None and not torch.equal(
+                cu_seqlens, packed_seq_params.cu_seqlens_kv_padded if packed_seq_params.cu_seqlens_kv_padded
+                is not None else packed_seq_params.cu_seqlens_kv):
+            raise ValueError("SDPAttention packs self-attention only: cu_seqlens_q and cu_seqlens_kv must be equal")
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != query.shape[0]:
+            raise ValueError(f"cu_seqlens {bounds} do not cover the {query.shape[0]} packed tokens")
+        dropout, rng = self._dropout_and_rng()
+        gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
+        # [t, heads, d] -> [heads, t, d]: one causal call per sequence, so no score crosses a sequence boundary.
+        q, k, v = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        contexts = []
+        with rng:
+            for start, end in zip(bounds[:-1], bounds[1:]):
+                contexts.append(F.scaled_dot_product_attention(
+                    q[:, start:end], k[:, start:end], v[:, start:end], dropout_p=dropout, is_causal=end - start > 1,
+                    scale=self.softmax_scale, enable_gqa=gqa))
+        # [heads, t, d] -> [t, heads * d]
+        return torch.cat(contexts, dim=1).transpose(0, 1).reshape(query.shape[0], self.hidden_size_per_partition)
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor], attn_mask_type: Optional[AttnMaskType] = None,
                 attention_bias: Optional[torch.Tensor] = None, packed_seq_params=None) -> torch.Tensor:
-        """query ``[sq, b, heads, d]``, key/value ``[sk, b, groups, d]`` -> context ``[sq, b, heads * d]``."""
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("SDPAttention takes neither packed sequences nor an attention bias")
+        """query ``[sq, b, heads, d]``, key/value ``[sk, b, groups, d]`` -> context ``[sq, b, heads * d]``; packed
+        (THD): query ``[t, heads, d]``, key/value ``[t, groups, d]`` -> ``[t, heads * d]``."""
+        if attention_bias is not None:
+            raise ValueError("SDPAttention takes no attention bias")
+        if packed_seq_params is not None:
+            if attention_mask is not None or packed_seq_params.qkv_format != "thd":
+                raise ValueError(f"SDPAttention takes packed sequences in the 'thd' format without an attention "
+                                 f"mask (got qkv_format={packed_seq_params.qkv_format!r}, a mask: "
+                                 f"{attention_mask is not None})")
+            return self._packed_forward(query, key, value, packed_seq_params)
         sq, batch, heads, _ = query.shape
         sk = key.shape[0]
         mask, causal = None, False
@@ -62,10 +108,7 @@ class SDPAttention(DotProductAttention):
             if sq != sk:
                 raise ValueError(f"a causal mask needs as many queries as keys (got {sq} and {sk})")
             causal = True
-        dropout = self.attention_dropout.p if self.training else 0.0
-        # Dropout draws from the tensor-parallel RNG stream, as DotProductAttention's does (each rank its own heads).
-        rng = (tensor_parallel.get_cuda_rng_tracker().fork() if dropout and not self.config.sequence_parallel
-               else contextlib.nullcontext())
+        dropout, rng = self._dropout_and_rng()
         with rng:
             context = F.scaled_dot_product_attention(
                 query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3), attn_mask=mask,

@@ -6,7 +6,8 @@ megatron's [seq, batch, hidden] layout and returns logits [batch, seq, vocab / t
 for entropies and log-probs instead of gathering it), and hidden states [seq, batch, hidden] on the other stages.
 RoPE is applied by position in the sequence (0..seq-1), not by `position_ids`, and `attention_mask` is honoured by the
 local layers only (TransformerEngine's attention applies its own causal mask and ignores it): pad on the right, where
-padding cannot reach the positions before it.
+padding cannot reach the positions before it. Packed rows (megaseg.models.packing) pass `packed_seq_params` (THD):
+RoPE then restarts at each sequence of `cu_seqlens` and attention stays inside each sequence, on both specs.
 """
 from __future__ import annotations
 

@@ -14,6 +14,11 @@ schedule, the last stage's per-row outputs broadcast to every stage of the pipel
 Right padding keeps every real token at its own position and after no padding token, so causal attention needs no
 mask and the outputs at real positions do not depend on the padding.
 
+Packed (``packing=True``, from data.packing; megaseg.models.packing): each micro-batch also carries its rows' real
+tokens packed into one row, which is what the model runs on; ``output_fn`` still gets the output in the rows'
+``[b, S, ...]`` layout. Micro-batches then need no filler rows (the schedule's shape is the packed length), and the
+micro-batches of one schedule call are packed to one length.
+
 Alignment (docs/method.md: logits at j predict token j + 1), all in token positions:
 - ``next_token_log_probs(...)[b, j]`` = log pi(token j | tokens < j), from the logits at j - 1; column 0 is 0;
 - ``vocab_parallel_entropy(logits)[b, j]`` = H(softmax(logits at j)), the uncertainty about token j + 1;
@@ -22,7 +27,7 @@ Alignment (docs/method.md: logits at j predict token j + 1), all in token positi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
@@ -30,6 +35,7 @@ import torch.distributed as dist
 
 from megaseg.data.batch import SequenceBatch, collate_sequences
 from megaseg.data.encoding import TokenizedSequence
+from megaseg.models.packing import PackedRows, common_packed_length, pack_rows, row_lengths
 from megaseg.models.pipeline import forward_only
 from megaseg.parallel.initialize import ParallelContext
 from megaseg.parallel.vocab_parallel import vocab_parallel_log_probs, vocab_parallel_log_probs_and_entropy
@@ -87,6 +93,15 @@ class InferenceMicroBatch:
     rows: tuple[int, ...]                   # [b] indices into the caller's rows; fillers repeat a real row
     num_real_rows: int                      # the first num_real_rows rows are real
     attention_mask: Optional[torch.Tensor] = None  # None: causal
+    packing: Optional[PackedRows] = None    # the real tokens of the rows packed into one (what the model runs on)
+
+
+def _packed(micro_batches: Sequence[InferenceMicroBatch]) -> list[InferenceMicroBatch]:
+    """The micro-batches with their rows packed, all to one length (one schedule call)."""
+    lengths = [row_lengths(batch.sequences.attention_mask) for batch in micro_batches]
+    packed_length = common_packed_length(lengths)
+    return [replace(batch, packing=pack_rows(batch.input_ids, batch_lengths, packed_length, PAD_ID))
+            for batch, batch_lengths in zip(micro_batches, lengths)]
 
 
 # (model output on the last stage, the micro-batch) -> one tensor per output, each with leading dim b.
@@ -129,10 +144,12 @@ def run_frozen(model: torch.nn.Module, micro_batches: Sequence[Any], output_fn: 
     return results
 
 
-def batch_micro_batches(sequences: SequenceBatch, micro_batch_size: int) -> list[InferenceMicroBatch]:
-    """Rows in order, ``micro_batch_size`` per micro-batch; the last one filled with copies of row 0."""
+def batch_micro_batches(sequences: SequenceBatch, micro_batch_size: int,
+                        packing: bool = False) -> list[InferenceMicroBatch]:
+    """Rows in order, ``micro_batch_size`` per micro-batch; the last one filled with copies of row 0 (packed: the
+    last one is shorter instead, and every micro-batch is packed to one length)."""
     num_rows = sequences.batch_size
-    padded_rows = -(-num_rows // micro_batch_size) * micro_batch_size
+    padded_rows = num_rows if packing else -(-num_rows // micro_batch_size) * micro_batch_size
     index = torch.cat([torch.arange(num_rows), torch.zeros(padded_rows - num_rows, dtype=torch.long)])
     # RoPE goes by column; right padding keeps column == position for every real token.
     positions = torch.arange(sequences.seq_length, device=sequences.input_ids.device).expand(
@@ -143,17 +160,18 @@ def batch_micro_batches(sequences: SequenceBatch, micro_batch_size: int) -> list
         part = SequenceBatch(*(tensor[rows] for tensor in (sequences.input_ids, sequences.attention_mask,
                                                            sequences.response_mask, sequences.eos_mask,
                                                            sequences.position_ids)))
-        batches.append(InferenceMicroBatch(input_ids=part.input_ids, position_ids=positions, sequences=part,
-                                           rows=tuple(rows.tolist()),
+        batches.append(InferenceMicroBatch(input_ids=part.input_ids, position_ids=positions[:len(rows)],
+                                           sequences=part, rows=tuple(rows.tolist()),
                                            num_real_rows=min(micro_batch_size, num_rows - start)))
-    return batches
+    return _packed(batches) if packing else batches
 
 
 def infer_batch(model: torch.nn.Module, sequences: SequenceBatch, parallel_ctx: ParallelContext, *,
-                micro_batch_size: int, output_fn: TensorOutputFn, num_outputs: int) -> list[torch.Tensor]:
+                micro_batch_size: int, output_fn: TensorOutputFn, num_outputs: int,
+                packing: bool = False) -> list[torch.Tensor]:
     """``num_outputs`` ``[B, S]`` fp32 tensors from ``output_fn`` (each ``[b, S]`` per micro-batch) over all rows, on
     every stage. Collective over the model-parallel group."""
-    batches = batch_micro_batches(sequences, micro_batch_size)
+    batches = batch_micro_batches(sequences, micro_batch_size, packing)
     per_batch = run_frozen(model, batches, output_fn, parallel_ctx, [(sequences.seq_length,)] * num_outputs)
     num_rows = sequences.batch_size
     return [torch.cat([outputs[k] for outputs in per_batch])[:num_rows] for k in range(num_outputs)]
@@ -163,8 +181,10 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def plan_micro_batches(lengths: Sequence[int], micro_batch_size: int) -> list[list[tuple[tuple[int, ...], int, int]]]:
-    """Groups of ``(rows, num_real_rows, padded_length)`` with one padded shape per group, shortest first."""
+def plan_micro_batches(lengths: Sequence[int], micro_batch_size: int, packing: bool = False
+                       ) -> list[list[tuple[tuple[int, ...], int, int]]]:
+    """Groups of ``(rows, num_real_rows, padded_length)`` with one padded shape per group, shortest first (packed:
+    no filler rows, and one packed length, the rows' total rounded up, per group)."""
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size={micro_batch_size} must be >= 1")
     order = sorted(range(len(lengths)), key=lambda index: lengths[index])
@@ -172,9 +192,17 @@ def plan_micro_batches(lengths: Sequence[int], micro_batch_size: int) -> list[li
     for start in range(0, len(order), micro_batch_size):
         rows = order[start:start + micro_batch_size]
         num_real = len(rows)
-        rows = rows + [rows[0]] * (micro_batch_size - num_real)
+        if not packing:
+            rows = rows + [rows[0]] * (micro_batch_size - num_real)
         padded = _round_up(max(lengths[index] for index in rows), LENGTH_MULTIPLE)
-        if groups and groups[-1][-1][2] == padded and len(groups[-1]) < MAX_MICRO_BATCHES_PER_CALL:
+        # What must agree within a schedule call: the padded shape, or the packed length.
+        shape = _round_up(sum(lengths[index] for index in rows), LENGTH_MULTIPLE) if packing else padded
+        group_shape = None
+        if groups:
+            last_rows = groups[-1][-1][0]
+            group_shape = (_round_up(sum(lengths[index] for index in last_rows), LENGTH_MULTIPLE) if packing
+                           else groups[-1][-1][2])
+        if groups and group_shape == shape and len(groups[-1]) < MAX_MICRO_BATCHES_PER_CALL:
             groups[-1].append((tuple(rows), num_real, padded))
         else:
             groups.append([(tuple(rows), num_real, padded)])
@@ -191,7 +219,8 @@ def _sequence_micro_batch(sequences: Sequence[TokenizedSequence], rows: tuple[in
 @torch.no_grad()
 def infer_sequences(model: torch.nn.Module, sequences: Sequence[TokenizedSequence], *, micro_batch_size: int,
                     output_fn: RowOutputFn, is_last_stage: bool,
-                    on_progress: Optional[Callable[[int, int], None]] = None) -> Optional[list[Any]]:
+                    on_progress: Optional[Callable[[int, int], None]] = None,
+                    packing: bool = False) -> Optional[list[Any]]:
     """``output_fn``'s result for every sequence, in the caller's order, on the last pipeline stage; None elsewhere.
 
     Collective over the model-parallel group: every rank of it calls this with the same sequences.
@@ -200,8 +229,10 @@ def infer_sequences(model: torch.nn.Module, sequences: Sequence[TokenizedSequenc
     results: list[Any] = [None] * len(sequences)
     done = 0
     for group in plan_micro_batches([len(s.prompt_ids) + len(s.response_ids) for s in sequences],
-                                    micro_batch_size):
+                                    micro_batch_size, packing):
         micro_batches = [_sequence_micro_batch(sequences, rows, num_real, padded) for rows, num_real, padded in group]
+        if packing:
+            micro_batches = _packed(micro_batches)
         outputs = forward_only(model, micro_batches, output_fn)
         if is_last_stage:
             for micro_batch, per_row in zip(micro_batches, outputs):

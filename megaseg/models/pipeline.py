@@ -9,6 +9,11 @@ pipeline stage gets results back (an empty list elsewhere).
 Loss scaling follows megatron: each micro-batch's loss is divided by the number of micro-batches, and megatron's
 DistributedDataParallel averages gradients over data-parallel ranks, so `loss_fn` should return the mean over its
 micro-batch for the gradient to be that of the mean over the global batch.
+
+Packed micro-batches (a ``packing: PackedRows`` field, megaseg.models.packing): the model runs on the packed row
+``[1, T]`` with its ``PackedSeqParams``, and ``loss_fn`` / ``output_fn`` get the output unpacked to the micro-batch's
+``[b, S, ...]`` rows, exactly what they get unpacked. Packed micro-batches of one call share ``T`` (their row counts
+and row lengths may differ).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence, TypeVar
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megaseg.models.packing import PackedRows
 from megaseg.parallel.cpu_compat import cuda_device_redirect
 
 
@@ -27,6 +33,12 @@ class ModelInputs(Protocol):
     input_ids: torch.Tensor  # [batch, seq] int64
     position_ids: torch.Tensor  # [batch, seq] int64
     attention_mask: Optional[torch.Tensor]  # None (causal) or bool [batch, 1, seq, seq], True = masked out
+    # Optionally also `packing: Optional[PackedRows]` (read with getattr, so batch types without it need not
+    # declare it): when set, the model runs on the packed inputs instead (module docstring).
+
+
+def packing_of(batch: Any) -> Optional[PackedRows]:
+    return getattr(batch, "packing", None)
 
 
 @dataclass(frozen=True)
@@ -48,11 +60,15 @@ OutputFn = Callable[[torch.Tensor, Any], Any]
 def _micro_batch_shape(micro_batches: Sequence[ModelInputs]) -> tuple[int, int]:
     if not micro_batches:
         raise ValueError("no micro-batches to run: pass at least one")
-    shapes = {tuple(batch.input_ids.shape) for batch in micro_batches}
+    packed = {packing_of(batch) is not None for batch in micro_batches}
+    if len(packed) != 1:
+        raise ValueError("micro-batches of one schedule call must be all packed or all unpacked")
+    shapes = {tuple((packing_of(batch) or batch).input_ids.shape) for batch in micro_batches}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise ValueError(
             f"micro-batch input_ids shapes {sorted(shapes)} differ or are not [batch, seq]; the pipeline schedule "
-            "sends fixed-size activations between stages, so pad every micro-batch to the same [batch, seq]")
+            "sends fixed-size activations between stages, so pad every micro-batch to the same [batch, seq] "
+            "(packed ones to one packed length: megaseg.models.packing.common_packed_length)")
     batch_size, seq_length = next(iter(shapes))
     return batch_size, seq_length
 
@@ -63,11 +79,18 @@ def _run_schedule(model: torch.nn.Module, micro_batches: Sequence[Batch], on_out
 
     def forward_step(data_iterator, step_model):
         batch = next(data_iterator)
-        output = step_model(batch.input_ids, batch.position_ids, batch.attention_mask)
+        packing = packing_of(batch)
+        if packing is None:
+            output = step_model(batch.input_ids, batch.position_ids, batch.attention_mask)
+        else:
+            output = step_model(packing.input_ids, packing.position_ids, None,
+                                packed_seq_params=packing.packed_seq_params)
 
         # The schedule calls this on the last stage only: (output) when training, (output, non_loss_data=True) when
         # collecting inference outputs.
         def output_func(output_tensor, non_loss_data: bool = False):
+            if packing is not None:
+                output_tensor = packing.unpack(output_tensor)
             return on_output(output_tensor, batch)
 
         return output, output_func

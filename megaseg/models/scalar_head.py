@@ -18,6 +18,7 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
@@ -87,15 +88,21 @@ class ScalarHeadModel(MegatronModule):
         self.decoder.set_input_tensor(input_tensor)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attention_mask: Optional[torch.Tensor] = None,
+                packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
         """input_ids, position_ids [batch, seq]; attention_mask None (causal) or bool [batch, 1, seq, seq] with
         True = masked out (local layers only; see megaseg.models.gpt on padding). Returns values [batch, seq] (last
-        stage) or hidden states [seq, batch, hidden]."""
+        stage) or hidden states [seq, batch, hidden]. packed_seq_params (THD, megaseg.models.packing): batch is 1
+        and seq holds several sequences, each attending to itself with RoPE from its own first token, as in
+        GPTModel."""
         # On later stages the decoder reads the tensor set by set_input_tensor and ignores this argument.
         hidden_states = self.embedding(input_ids=input_ids, position_ids=position_ids) if self.pre_process else None
-        rotary_seq_len = self.rotary_pos_emb.get_rotary_seq_len(None, self.decoder, hidden_states, self.config, None)
+        rotary_seq_len = self.rotary_pos_emb.get_rotary_seq_len(None, self.decoder, hidden_states, self.config,
+                                                                packed_seq_params)
+        packed = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
         hidden_states = self.decoder(hidden_states=hidden_states, attention_mask=attention_mask,
-                                     rotary_pos_emb=self.rotary_pos_emb(rotary_seq_len))
+                                     rotary_pos_emb=self.rotary_pos_emb(rotary_seq_len, packed_seq=packed),
+                                     packed_seq_params=packed_seq_params)
         if not self.post_process:
             return hidden_states
         values = self.head(hidden_states.to(self.head.weight.dtype)).squeeze(-1)  # [seq(/tp), batch]

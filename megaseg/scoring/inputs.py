@@ -116,5 +116,5 @@ def score_encoded_pairs(config: MegasegConfig, rm_dir: Path, encoded: EncodedPai
     segmented = segment_ends_for(config, encoded, parallel_ctx)
     model, _ = load_reward_model(rm_dir, parallel_ctx)
     scores = score_pairs(model, encoded.pairs, segmented, parallel_ctx, aggregation=config.rm.aggregation,
-                         micro_batch_size=config.rm.scoring_micro_batch_size)
+                         micro_batch_size=config.rm.scoring_micro_batch_size, packing=config.data.packing)
     return ScoredData(config=config, rm_dir=rm_dir, encoded=encoded, segmented=segmented, scores=scores)

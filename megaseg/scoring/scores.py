@@ -96,7 +96,7 @@ def _side(results: Sequence[tuple[np.ndarray, np.ndarray, float]]) -> ResponseSc
 def score_pairs(model: torch.nn.Module, pairs: Sequence[TokenizedPair], segmented: SegmentedPairs,
                 parallel_ctx: ParallelContext,
                 *, aggregation: str, micro_batch_size: int,
-                on_progress: Optional[Callable[[int, int], None]] = None) -> PairScores:
+                on_progress: Optional[Callable[[int, int], None]] = None, packing: bool = False) -> PairScores:
     """Score every pair's chosen and rejected response (see the module docstring). Collective: every rank calls it
     with the same pairs and gets every pair's scores."""
     if segmented.num_pairs != len(pairs):
@@ -109,7 +109,7 @@ def score_pairs(model: torch.nn.Module, pairs: Sequence[TokenizedPair], segmente
     rows = infer_sequences(model, sequences, micro_batch_size=micro_batch_size,
                            output_fn=_row_scores_fn(row_ends, aggregation),
                            is_last_stage=parallel_ctx.is_last_pipeline_stage,
-                           on_progress=on_progress or (lambda done, total: progress.update(done)))
+                           on_progress=on_progress or (lambda done, total: progress.update(done)), packing=packing)
     progress.close()
     # One rank per replica reports (the last stage's tensor-parallel rank 0); the others hold the same values or none.
     reports = rows is not None and parallel_ctx.tp_rank == 0

@@ -50,7 +50,7 @@ def compute_entropy_shard(model: torch.nn.Module, pairs: Sequence[TokenizedPair]
     sequences = [pair.chosen for pair in pairs] + [pair.rejected for pair in pairs]
     rows = infer_sequences(model, sequences, micro_batch_size=config.segmentation.micro_batch_size,
                            output_fn=_entropy_rows_fn(parallel_ctx, config.segmentation.entropy_chunk_size),
-                           is_last_stage=parallel_ctx.is_last_pipeline_stage)
+                           is_last_stage=parallel_ctx.is_last_pipeline_stage, packing=config.data.packing)
     if rows is None:
         return None
     chosen = RaggedArray.from_arrays(rows[:len(pairs)], np.float32)

@@ -71,7 +71,10 @@ def test_subsets_and_details_equal_the_slow_reference(fixture, tmp_path):
             got = record[side]
             want_rewards, want_p = reference["rewards"][offset + i], reference["positions"][offset + i]
             scored = [s for s in got["segments"] if s["raw"] is not None]
-            assert [s["raw"] for s in scored] == pytest.approx(want_rewards, rel=1e-4, abs=1e-6)
+            # abs 1e-5: rewards of this model reach ~6, whose fp32 rounding (~1e-6 after a few layers) differs between
+            # one sequence per forward and the packed forward (other matmul shapes); a small reward beside them
+            # carries that absolute error.
+            assert [s["raw"] for s in scored] == pytest.approx(want_rewards, rel=1e-4, abs=1e-5)
             assert [s["p"] for s in scored] == pytest.approx(want_p)
             assert got["reward"] == pytest.approx(np.mean(want_rewards), rel=1e-4, abs=1e-6)
             # The spans tile the response: contiguous, in order, all of its tokens.

@@ -4,7 +4,9 @@ sequence log-probs from the frozen SFT model -> the sigmoid DPO loss on the poli
 A sequence log-prob is the sum of log pi(token j | < j) over the response tokens (EOS included), from the logits at
 j - 1, computed vocab-parallel from the tensor-parallel logit shards (megaseg.models.inference). Micro-batch rows
 [0, m) are the chosen answers of m pairs and rows [m, 2m) their rejected answers (megaseg.data.batch.PreferenceBatch);
-every micro-batch of a step is padded to one length (the pipeline schedule sends one activation shape).
+every micro-batch of a step is padded to one length (the pipeline schedule sends one activation shape); packed
+(data.packing): each micro-batch also carries its rows' real tokens in one row, all packed to one length, and the
+model runs on that (megaseg.models.packing; the losses read the rows' layout as before).
 
 Statistics are sums in one float64 vector (combined over micro-batches, data-parallel ranks and pipeline stages by
 one all-reduce) and turned into means once per step.
@@ -21,6 +23,7 @@ from megaseg.algorithms.dpo import dpo_loss
 from megaseg.data.batch import collate_pairs
 from megaseg.data.encoding import TokenizedPair
 from megaseg.models.inference import next_token_log_probs, run_frozen, tensor_parallel_group
+from megaseg.models.packing import PackedRows, common_packed_length, pack_rows
 from megaseg.parallel.initialize import ParallelContext
 
 STAT_NAMES = ("loss_sum", "num_pairs", "num_correct", "chosen_reward_sum", "rejected_reward_sum", "num_tokens")
@@ -37,10 +40,11 @@ class DPOMicroBatch:
     num_pairs: int                # m
     num_tokens: int               # real tokens of the batch
     attention_mask: Optional[torch.Tensor] = None  # causal
+    packing: Optional[PackedRows] = None  # the rows' real tokens in one row (megaseg.models.pipeline)
 
 
 def collate_step(pairs: Sequence[TokenizedPair], micro_batch_size: int, pad_token_id: int, device: torch.device,
-                 pad_to_multiple_of: int = 8) -> list[DPOMicroBatch]:
+                 pad_to_multiple_of: int = 8, packing: bool = False) -> list[DPOMicroBatch]:
     """This rank's pairs of one step -> micro-batches of ``micro_batch_size`` pairs, all of one padded length."""
     if len(pairs) % micro_batch_size:
         raise ValueError(f"{len(pairs)} pairs per rank do not split into micro-batches of {micro_batch_size}; make "
@@ -55,6 +59,15 @@ def collate_step(pairs: Sequence[TokenizedPair], micro_batch_size: int, pad_toke
             input_ids=input_ids, position_ids=torch.arange(width, device=device).expand_as(input_ids),
             response_mask=sequences.sequences.response_mask.to(device), ref_log_probs=None,
             num_pairs=micro_batch_size, num_tokens=int(sequences.sequences.attention_mask.sum())))
+    if packing:
+        lengths = [[len(s.prompt_ids) + len(s.response_ids) for s in
+                    [pair.chosen for pair in pairs[start:start + micro_batch_size]]
+                    + [pair.rejected for pair in pairs[start:start + micro_batch_size]]]
+                   for start in range(0, len(pairs), micro_batch_size)]
+        packed_length = common_packed_length(lengths)
+        batches = [dataclasses.replace(batch, packing=pack_rows(batch.input_ids, batch_lengths, packed_length,
+                                                                pad_token_id))
+                   for batch, batch_lengths in zip(batches, lengths)]
     return batches
 
 

@@ -116,7 +116,7 @@ class DPOTrainer(Trainer):
     def step(self, indices: list[int], progress: TrainingProgress) -> StepReport:
         with self.timer.phase("batch"):
             batches = collate_step([self.train_pairs[index] for index in indices], self.plan.micro_batch_size,
-                                   self.pad_token_id, self.ctx.device)
+                                   self.pad_token_id, self.ctx.device, packing=self.config.data.packing)
         with self.timer.phase("reference_forward"):
             batches = add_reference_log_probs(self.reference, batches, self.ctx)
         with self.timer.phase("forward_backward"):
@@ -144,7 +144,8 @@ class DPOTrainer(Trainer):
         for start in range(0, usable, EVAL_MICRO_BATCHES_PER_CALL * micro):
             chunk = self.eval_share[start:min(start + EVAL_MICRO_BATCHES_PER_CALL * micro, usable)]
             batches = add_reference_log_probs(
-                self.reference, collate_step(chunk, micro, self.pad_token_id, self.ctx.device), self.ctx)
+                self.reference, collate_step(chunk, micro, self.pad_token_id, self.ctx.device,
+                                             packing=self.config.data.packing), self.ctx)
             for output in forward_only(self.policy.model, batches, self.loss_fn):
                 local += output[1]["stats"].detach().cpu()
         return statistics_to_metrics(sum_over_replicas(local, self.ctx))

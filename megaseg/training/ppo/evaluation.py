@@ -45,9 +45,11 @@ def evaluate_policy(run: "PPOTrainer", step: int) -> dict[str, float]:
                                 pad_token_id=run.pad_token_id)
     micro = ppo.micro_rollout_batch_size
     chunk = run.config.segmentation.entropy_chunk_size
-    actor = policy_log_probs_and_entropy(sources.actor, rollout, ctx, micro_batch_size=micro, chunk_size=chunk)
+    packing = run.config.data.packing
+    actor = policy_log_probs_and_entropy(sources.actor, rollout, ctx, micro_batch_size=micro, chunk_size=chunk,
+                                         packing=packing)
     reference = policy_log_probs_and_entropy(sources.reference, rollout, ctx, micro_batch_size=micro,
-                                             chunk_size=chunk)
+                                             chunk_size=chunk, packing=packing)
     actions = rollout.response_mask
     kl = torch.where(actions, actor.log_probs - reference.log_probs, 0.0).sum(dim=1)
     ends = cut_segments(run.reward_plan, rollout, reference.entropy, sources.sentence_marker)

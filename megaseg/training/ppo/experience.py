@@ -47,20 +47,22 @@ class PolicyOutputs:
 
 @torch.no_grad()
 def policy_log_probs_and_entropy(model: torch.nn.Module, sequences: SequenceBatch, parallel_ctx: ParallelContext, *,
-                                 micro_batch_size: int, chunk_size: Optional[int] = None) -> PolicyOutputs:
+                                 micro_batch_size: int, chunk_size: Optional[int] = None,
+                                 packing: bool = False) -> PolicyOutputs:
     """Log-probs of the rollout's tokens and the entropies of a causal LM (actor or reference), in ONE forward."""
     tp_group = tensor_parallel_group(parallel_ctx)
     log_probs, entropy = infer_batch(
-        model, sequences, parallel_ctx, micro_batch_size=micro_batch_size, num_outputs=2,
+        model, sequences, parallel_ctx, micro_batch_size=micro_batch_size, num_outputs=2, packing=packing,
         output_fn=lambda logits, batch: log_probs_and_entropy(logits, batch.input_ids, tp_group, chunk_size))
     return PolicyOutputs(log_probs=log_probs, entropy=entropy)
 
 
 @torch.no_grad()
 def critic_values(critic: torch.nn.Module, sequences: SequenceBatch, parallel_ctx: ParallelContext, *,
-                  micro_batch_size: int) -> torch.Tensor:
+                  micro_batch_size: int, packing: bool = False) -> torch.Tensor:
     """``[B, S]`` V(state before token j), token-aligned."""
     (values,) = infer_batch(critic, sequences, parallel_ctx, micro_batch_size=micro_batch_size, num_outputs=1,
+                            packing=packing,
                             output_fn=lambda head, batch: (shift_right(head.float()),))
     return values
 
@@ -69,13 +71,15 @@ class RewardModelScorer:
     """The trained segment reward model behind the ``SegmentScorer`` interface of the experience maker: the head
     runs at every position, the caller reads the segment ends (the model needs no segmentation)."""
 
-    def __init__(self, model: torch.nn.Module, parallel_ctx: ParallelContext, micro_batch_size: int):
+    def __init__(self, model: torch.nn.Module, parallel_ctx: ParallelContext, micro_batch_size: int,
+                 packing: bool = False):
         self.model, self.parallel_ctx, self.micro_batch_size = model, parallel_ctx, micro_batch_size
+        self.packing = packing
 
     @torch.no_grad()
     def __call__(self, sequences: SequenceBatch, segment_ends: torch.Tensor) -> torch.Tensor:
         (values,) = infer_batch(self.model, sequences, self.parallel_ctx, micro_batch_size=self.micro_batch_size,
-                                num_outputs=1, output_fn=lambda head, batch: (head.float(),))
+                                num_outputs=1, output_fn=lambda head, batch: (head.float(),), packing=self.packing)
         return values
 
 
@@ -118,19 +122,19 @@ class Experience:
 
 def make_experience(rollout: SequenceBatch, sources: ExperienceSources, plan: RewardPlan, ppo: PPOConfig,
                     kl_coef: float, parallel_ctx: ParallelContext, timer: PhaseTimer,
-                    entropy_chunk_size: Optional[int] = None) -> Experience:
+                    entropy_chunk_size: Optional[int] = None, packing: bool = False) -> Experience:
     """Run the phases of the module docstring on one rank's rollouts (collective over the model-parallel group, and
     over the data-parallel group for whitening)."""
     micro = ppo.micro_rollout_batch_size
     action_mask = rollout.response_mask
     with timer.phase("actor_forward"):
         actor = policy_log_probs_and_entropy(sources.actor, rollout, parallel_ctx, micro_batch_size=micro,
-                                             chunk_size=entropy_chunk_size)
+                                             chunk_size=entropy_chunk_size, packing=packing)
     with timer.phase("reference_forward"):
         reference = policy_log_probs_and_entropy(sources.reference, rollout, parallel_ctx, micro_batch_size=micro,
-                                                 chunk_size=entropy_chunk_size)
+                                                 chunk_size=entropy_chunk_size, packing=packing)
     with timer.phase("critic_forward"):
-        values = critic_values(sources.critic, rollout, parallel_ctx, micro_batch_size=micro)
+        values = critic_values(sources.critic, rollout, parallel_ctx, micro_batch_size=micro, packing=packing)
     with timer.phase("score_segments"):
         ends = cut_segments(plan, rollout, reference.entropy, sources.sentence_marker)
         scored = score_segments(plan, sources.scorer, rollout, ends)

@@ -119,7 +119,8 @@ def build_ppo_trainer(config: MegasegConfig, parallel_ctx: ParallelContext,
     marker = TokenizerSentenceMarker(tokenizer) if reward.plan.segmentation.mode == "sentence" else None
     return PPOTrainer(
         config, parallel_ctx, models=load_policy_models(config), reward_plan=reward.plan,
-        scorer=RewardModelScorer(reward.reward_model, parallel_ctx, config.ppo.micro_rollout_batch_size),
+        scorer=RewardModelScorer(reward.reward_model, parallel_ctx, config.ppo.micro_rollout_batch_size,
+                                 packing=config.data.packing),
         normalizer=reward.normalizer, prompts=prompts.prompts,
         rollout_fn=megatron_rollout(config.ppo.generation_backend, pad_id), stop_token_ids=renderer.stop_token_ids,
         pad_token_id=pad_id, sentence_marker=marker, decode=lambda ids: tokenizer.decode(ids),

@@ -158,10 +158,10 @@ class PPOTrainer(Trainer):
                                         generator=generator, micro_batch_size=ppo.micro_rollout_batch_size,
                                         pad_token_id=self.pad_token_id)
         experience = make_experience(rollout, self.sources, self.reward_plan, ppo, kl_coef, ctx, self.timer,
-                                     config.segmentation.entropy_chunk_size)
+                                     config.segmentation.entropy_chunk_size, packing=config.data.packing)
         batches = train_batches(experience, rows_per_step=ppo.train_batch_size // ctx.dp_size,
                                 micro_batch_size=ppo.micro_batch_size, num_epochs=ppo.ppo_epochs, seed=config.seed,
-                                step=progress.step, parallel_ctx=ctx)
+                                step=progress.step, parallel_ctx=ctx, packing=config.data.packing)
         with self.timer.phase("update_critic"):
             critic_stats = update_critic(self.critic, batches, ppo.value_clip, ppo.loss_aggregation, ctx)
         with self.timer.phase("update_actor"):

@@ -15,13 +15,14 @@ and data parallelism never change the loss being minimised.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 import torch
 
 from megaseg.algorithms.ppo import policy_loss, value_loss
 from megaseg.models.inference import next_token_log_probs, shift_right, tensor_parallel_group
+from megaseg.models.packing import PackedRows, common_packed_length, pack_rows, row_lengths
 from megaseg.models.pipeline import forward_backward
 from megaseg.parallel.collectives import sum_over_data_parallel, sum_over_replicas
 from megaseg.parallel.initialize import ParallelContext
@@ -44,6 +45,7 @@ class PPOMicroBatch:
     old_values: torch.Tensor     # [b, s] fp32
     returns: torch.Tensor        # [b, s] fp32
     attention_mask: Optional[torch.Tensor] = None  # causal
+    packing: Optional[PackedRows] = None  # the rows' real tokens in one row (data.packing; megaseg.models.pipeline)
 
 
 @dataclass(frozen=True)
@@ -79,16 +81,19 @@ def epoch_permutation(num_rows: int, seed: int, step: int, epoch: int) -> torch.
 
 
 def train_batches(experience: Experience, *, rows_per_step: int, micro_batch_size: int, num_epochs: int,
-                  seed: int, step: int, parallel_ctx: Optional[ParallelContext]) -> list[TrainBatch]:
+                  seed: int, step: int, parallel_ctx: Optional[ParallelContext],
+                  packing: bool = False) -> list[TrainBatch]:
     """The train batches of every optimizer step of the update, in order (``num_epochs`` x rows / rows_per_step).
     Collective over the data-parallel group (one reduction of the token counts for the whole update); None: one
-    process, nothing to reduce."""
+    process, nothing to reduce. ``packing``: the micro-batches of a step packed to one length (one schedule call)."""
     num_rows = experience.batch_size
     if num_rows % rows_per_step or rows_per_step % micro_batch_size:
         raise ValueError(f"{num_rows} rollouts per rank do not split into train batches of {rows_per_step} rows of "
                          f"micro-batches of {micro_batch_size}; make ppo.rollout_batch_size a multiple of "
                          "ppo.train_batch_size and that a multiple of data-parallel size x ppo.micro_batch_size")
     lengths = experience.sequences.attention_mask.sum(dim=1)
+    if packing:
+        row_lengths(experience.sequences.attention_mask)  # packing keeps each row's prefix: refuse other layouts
     actions = experience.action_mask.sum(dim=1)
     plans = []
     for epoch in range(num_epochs):
@@ -100,9 +105,16 @@ def train_batches(experience: Experience, *, rows_per_step: int, micro_batch_siz
     batches = []
     for rows, num_tokens in zip(plans, global_tokens):
         width = int(lengths[rows].max())
+        micro_batches = [_micro_batch(experience, rows[m:m + micro_batch_size], width)
+                         for m in range(0, rows_per_step, micro_batch_size)]
+        if packing:
+            per_batch = [lengths[rows[m:m + micro_batch_size]].tolist() for m in range(0, rows_per_step,
+                                                                                     micro_batch_size)]
+            packed_length = common_packed_length(per_batch)
+            micro_batches = [replace(batch, packing=pack_rows(batch.input_ids, batch_lengths, packed_length))
+                             for batch, batch_lengths in zip(micro_batches, per_batch)]
         batches.append(TrainBatch(
-            micro_batches=[_micro_batch(experience, rows[m:m + micro_batch_size], width)
-                           for m in range(0, rows_per_step, micro_batch_size)],
+            micro_batches=micro_batches,
             num_tokens=num_tokens, num_sequences=float(rows_per_step * dp_size), dp_size=dp_size))
     return batches
 

@@ -4,17 +4,19 @@ A global batch of G pairs is spread over the data-parallel ranks (G / dp each) a
 of m pairs (G / (dp * m) micro-batches, gradients accumulated). One micro-batch holds the chosen AND the rejected
 answers of its m pairs in ONE forward batch of 2m rows (chosen rows first, as megaseg.data.batch.PreferenceBatch).
 All micro-batches of a step are padded to one length, because megatron's pipeline schedule sends fixed-size
-activations between stages.
+activations between stages. Packed (data.packing): each micro-batch's rows are padded to its own longest row only
+(the loss's layout) and its real tokens packed into one row, all micro-batches of the step to one packed length.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
 from megaseg.data.batch import collate_pairs
+from megaseg.models.packing import PackedRows, common_packed_length, pack_rows
 from megaseg.training.reward_model.data import SegmentedPair
 
 
@@ -29,6 +31,7 @@ class RewardMicroBatch:
     num_pairs: int               # P
     num_tokens: int              # real (non-pad) tokens in the batch
     attention_mask: Optional[torch.Tensor] = None  # causal only: right padding never reaches an earlier position
+    packing: Optional[PackedRows] = None  # the same rows packed into one (the model runs on it; megaseg.models.pipeline)
 
 
 def collate_reward_micro_batch(pairs: Sequence[SegmentedPair], pad_id: int, seq_length: int) -> RewardMicroBatch:
@@ -53,12 +56,27 @@ def longest_sequence(pairs: Sequence[SegmentedPair]) -> int:
     return max(len(s.prompt_ids) + len(s.response_ids) for item in pairs for s in (item.pair.chosen, item.pair.rejected))
 
 
+def _row_lengths(pairs: Sequence[SegmentedPair]) -> list[int]:
+    """Tokens of every row of a micro-batch, in its row order (chosen answers, then rejected)."""
+    return [len(item.pair.chosen.prompt_ids) + len(item.pair.chosen.response_ids) for item in pairs] + \
+        [len(item.pair.rejected.prompt_ids) + len(item.pair.rejected.response_ids) for item in pairs]
+
+
 def collate_step(pairs: Sequence[SegmentedPair], micro_batch_size: int, pad_id: int,
-                 pad_to_multiple_of: int = 8) -> list[RewardMicroBatch]:
+                 pad_to_multiple_of: int = 8, packing: bool = False) -> list[RewardMicroBatch]:
     """This rank's pairs of one step -> micro-batches of `micro_batch_size` pairs, all padded to one length
-    (the step's longest sequence, rounded up to `pad_to_multiple_of` so fewer distinct shapes reach the kernels)."""
+    (the step's longest sequence, rounded up to `pad_to_multiple_of` so fewer distinct shapes reach the kernels);
+    packed: each padded to its own longest, and packed to one length (module docstring)."""
     assert len(pairs) % micro_batch_size == 0, "the batch plan guarantees whole micro-batches"
-    longest = longest_sequence(pairs)
-    seq_length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    return [collate_reward_micro_batch(pairs[start:start + micro_batch_size], pad_id, seq_length)
-            for start in range(0, len(pairs), micro_batch_size)]
+    groups = [pairs[start:start + micro_batch_size] for start in range(0, len(pairs), micro_batch_size)]
+    round_up = lambda length: -(-length // pad_to_multiple_of) * pad_to_multiple_of  # noqa: E731
+    if not packing:
+        seq_length = round_up(longest_sequence(pairs))
+        return [collate_reward_micro_batch(group, pad_id, seq_length) for group in groups]
+    lengths = [_row_lengths(group) for group in groups]
+    packed_length = common_packed_length(lengths)
+    batches = []
+    for group, group_lengths in zip(groups, lengths):
+        batch = collate_reward_micro_batch(group, pad_id, round_up(longest_sequence(group)))
+        batches.append(replace(batch, packing=pack_rows(batch.input_ids, group_lengths, packed_length, pad_id)))
+    return batches

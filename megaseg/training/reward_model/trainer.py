@@ -106,7 +106,8 @@ class RewardModelTrainer(Trainer):
         start = time.perf_counter()
         with self.timer.phase("batch"):
             pairs = [self.data.train[index] for index in indices]
-            micro_batches = collate_step(pairs, self.plan.micro_batch_size, self.data.pad_id)
+            micro_batches = collate_step(pairs, self.plan.micro_batch_size, self.data.pad_id,
+                                         packing=self.config.data.packing)
         with self.timer.phase("forward_backward"):
             self.setup.zero_grads()
             outputs = forward_backward(self.setup.model, micro_batches, self.loss_fn)
@@ -125,7 +126,8 @@ class RewardModelTrainer(Trainer):
             return None
         # Inference only: as many sequences per forward as scoring uses.
         metrics = validate(self.setup.model, self.data.eval, micro_batch_size=self.config.rm.scoring_micro_batch_size,
-                           aggregation=self.config.rm.aggregation, parallel_ctx=self.ctx)
+                           aggregation=self.config.rm.aggregation, parallel_ctx=self.ctx,
+                           packing=self.config.data.packing)
         self.logger.message(f"eval at step {step}: accuracy {metrics.accuracy:.4f} on {metrics.num_pairs} pairs, "
                             f"loss {metrics.loss:.4f}")
         return {**metrics.as_scalars(), "num_pairs": metrics.num_pairs}

@@ -39,7 +39,7 @@ def _statistics(pairs: Sequence[SegmentedPair], chosen: Sequence[float], rejecte
 
 @torch.no_grad()
 def validate(model: torch.nn.Module, pairs: Sequence[SegmentedPair], *, micro_batch_size: int, aggregation: str,
-             parallel_ctx: ParallelContext) -> PairMetrics:
+             parallel_ctx: ParallelContext, packing: bool = False) -> PairMetrics:
     """Metrics over all of `pairs` (every rank passes the same list; each scores its data-parallel share)."""
     shard = list(pairs[parallel_ctx.dp_rank::parallel_ctx.dp_size])
     sequences = [item.pair.chosen for item in shard] + [item.pair.rejected for item in shard]
@@ -49,7 +49,7 @@ def validate(model: torch.nn.Module, pairs: Sequence[SegmentedPair], *, micro_ba
     try:
         scores = infer_sequences(model, sequences, micro_batch_size=micro_batch_size,
                                  output_fn=_row_scores_fn(row_ends, aggregation),
-                                 is_last_stage=parallel_ctx.is_last_pipeline_stage)
+                                 is_last_stage=parallel_ctx.is_last_pipeline_stage, packing=packing)
     finally:
         model.train(was_training)
     local = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
