@@ -3,7 +3,8 @@
     actor_forward      log-probs of the sampled tokens under the rollout policy (+ its entropy, for logging)
     reference_forward  reference log-probs AND entropies, from one forward of the frozen SFT model
     critic_forward     V(state before each token)
-    score_segments     segment ends (entropy rule or the baseline's), reward-model head at the ends
+    segmentation       segment ends (entropy rule or the baseline's)
+    score_segments     reward-model head at the ends
     normalize          location-aware normalizer (or the ablation's / the bandit scalar)
     interpolate        even / repeat / none, then clamp to [-reward_clip, reward_clip]
     advantages         minus kl_coef * KL per token, GAE (gamma, lambda), whitening over all data-parallel ranks
@@ -132,8 +133,10 @@ def make_experience(rollout: SequenceBatch, sources: ExperienceSources, plan: Re
                                                  chunk_size=entropy_chunk_size)
     with timer.phase("critic_forward"):
         values = critic_values(sources.critic, rollout, parallel_ctx, micro_batch_size=micro)
-    with timer.phase("score_segments"):
+    # Two phases: the segmentation is reward machinery (cheap tensor work), scoring is a reward-model forward.
+    with timer.phase("segmentation"):
         ends = cut_segments(plan, rollout, reference.entropy, sources.sentence_marker)
+    with timer.phase("score_segments"):
         scored = score_segments(plan, sources.scorer, rollout, ends)
     with timer.phase("normalize"):
         normalized, positions = normalize_rewards(sources.normalizer, scored)
