@@ -1,6 +1,8 @@
 """The benchmark scripts in smoke mode (tiny random Llama over SmolLM2's tokenizer, a few tokens / pairs / steps):
 each runs end to end, checks that its two sides compute the same thing and prints its figures as one JSON last line.
-The figures themselves are only meaningful on SmolLM2 (the README's commands); here they only have to exist."""
+The figures themselves are only meaningful on SmolLM2 (the scripts' docstrings); here they only have to exist.
+Marked slow: each is a subprocess that imports megatron twice (script and spawned rank) and loads both stacks
+(15-45 s on 2 shared cores; the first also converts the tiny model once for all three)."""
 import json
 import os
 import subprocess
@@ -27,6 +29,7 @@ def _run(script: str, cache_dir: Path, *args: str) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_generation_smoke(cache_dir):
     result = _run("generation.py", cache_dir, "--batch-size", "3", "--max-new-tokens", "6", "--repeats", "1")
     assert result["same_tokens"] and result["differing_rows"] == []
@@ -34,6 +37,7 @@ def test_generation_smoke(cache_dir):
     assert result["megaseg_over_hf"] > 0 and result["megaseg"]["tokens_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_rm_training_smoke(cache_dir):
     result = _run("rm_training.py", cache_dir, "--pairs", "2", "--micro-batch", "1", "--top-layers", "1",
                   "--rounds", "1")
@@ -42,6 +46,7 @@ def test_rm_training_smoke(cache_dir):
     assert result["segment_over_bandit"] > 0 and result["megaseg_over_hf"] > 0 and result["tokens_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_ppo_step_smoke(cache_dir):
     result = _run("ppo_step.py", cache_dir, "--steps", "1", "--rollout-batch", "4", "--max-new-tokens", "4")
     phases = result["phase_seconds"]
