@@ -7,8 +7,10 @@ row has produced a stop token or ``max_new_tokens`` tokens.
 
 Backends (``ppo.generation_backend``):
 - ``kv_cache``: megatron-core's static KV cache. The first forward runs the columns every prompt has (the prefill);
-  each later step feeds one column and attends over the cached keys/values. Longer prompts are fed their remaining
-  tokens one step at a time (see ``token_buffer``), so batches of prompts of similar length decode in fewer steps.
+  each later step feeds one column and attends over the cached keys/values. With megaseg's SDPAttention (the local
+  spec) the prompts' ends are aligned behind a masked leading pad, so the prefill covers every whole prompt; with
+  attention that goes by mask type (TransformerEngine) prompts start at column 0 and longer ones are fed their
+  remaining tokens one step at a time (see ``token_buffer``).
 - ``full_forward``: no cache; every step runs the whole sequence so far. O(steps x length) work: the slow baseline
   of the benchmark and a fallback for a megatron-core release whose cache API changed.
 
