@@ -52,7 +52,7 @@ def build_output(buffer: TokenBuffer, prompt_ids: tuple[str, ...], pad_token_id:
     num_rows = buffer.tokens.shape[0]
     input_ids = torch.full((num_rows, seq_length), pad_token_id, dtype=torch.long, device=buffer.tokens.device)
     kept = min(seq_length, buffer.width)
-    input_ids[:, :kept] = buffer.tokens[:, :kept]
+    input_ids[:, :kept] = buffer.tokens_from_column_zero(pad_token_id)[:, :kept]
     columns = torch.arange(seq_length, device=input_ids.device)[None, :]
     attention_mask = columns < lengths[:, None]
     # Columns past a row's end hold pad already (the buffer starts as pad and only generating rows are written).

@@ -7,8 +7,10 @@ row has produced a stop token or ``max_new_tokens`` tokens.
 
 Backends (``ppo.generation_backend``):
 - ``kv_cache``: megatron-core's static KV cache. The first forward runs the columns every prompt has (the prefill);
-  each later step feeds one column and attends over the cached keys/values. Longer prompts are fed their remaining
-  tokens one step at a time (see ``token_buffer``), so batches of prompts of similar length decode in fewer steps.
+  each later step feeds one column and attends over the cached keys/values. With megaseg's SDPAttention (the local
+  spec) the prompts' ends are aligned behind a masked leading pad, so the prefill covers every whole prompt; with
+  attention that goes by mask type (TransformerEngine) prompts start at column 0 and longer ones are fed their
+  remaining tokens one step at a time (see ``token_buffer``).
 - ``full_forward``: no cache; every step runs the whole sequence so far. O(steps x length) work: the slow baseline
   of the benchmark and a fallback for a megatron-core release whose cache API changed.
 
@@ -33,6 +35,7 @@ from megaseg.generation.sampling import sample_next_tokens
 from megaseg.generation.settings import SamplingSettings
 from megaseg.generation.stage_runner import StageRunner
 from megaseg.generation.token_buffer import TokenBuffer
+from megaseg.models.attention import SDPAttention
 from megaseg.parallel.initialize import ParallelContext
 
 
@@ -45,6 +48,26 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+def attention_takes_masks(model: torch.nn.Module) -> bool:
+    """True when every attention layer of this stage honours an explicit mask (megaseg's SDPAttention), so the
+    token buffer may align the prompts' ends behind masked leading pad (see ``token_buffer``). megatron's fused
+    softmax and TransformerEngine take the mask TYPE over the mask on GPU, so with them prompts start at column 0."""
+    cores = [module.core_attention for module in model.modules() if hasattr(module, "core_attention")]
+    return bool(cores) and all(isinstance(core, SDPAttention) for core in cores)
+
+
+def attention_mask(buffer: TokenBuffer, start: int, stop: int) -> Optional[torch.Tensor]:
+    """``[B, 1, stop - start, stop]`` bool, True = masked, for feeding columns ``[start, stop)`` after columns
+    ``[0, start)`` are cached: a row's leading pad and every later column. None when no row has leading pad (the
+    attention's own causal mask is then the same thing)."""
+    pad = buffer.leading_pad_mask(stop)
+    if pad is None:
+        return None
+    keys = torch.arange(stop, device=pad.device)
+    future = keys[None, :] > torch.arange(start, stop, device=pad.device)[:, None]
+    return pad[:, None, None, :] | future[None, None, :, :]
 
 
 def _check_against_model(model: torch.nn.Module, buffer: TokenBuffer, settings: SamplingSettings,
@@ -106,7 +129,8 @@ def generate(model: torch.nn.Module, prompts: PromptBatch, settings: SamplingSet
     """
     _check_call(model, settings, backend, parallel, generator)
     prompts = prompts.to(parallel.device)
-    buffer = TokenBuffer.from_prompts(prompts, settings.max_new_tokens, settings.stop_token_ids, pad_token_id)
+    buffer = TokenBuffer.from_prompts(prompts, settings.max_new_tokens, settings.stop_token_ids, pad_token_id,
+                                      align_prompt_ends=attention_takes_masks(model))
     _check_against_model(model, buffer, settings, pad_token_id)
     batch_size = buffer.tokens.shape[0]
     runner = StageRunner(model, parallel, batch_size)
@@ -117,7 +141,8 @@ def generate(model: torch.nn.Module, prompts: PromptBatch, settings: SamplingSet
         while column < buffer.width and not buffer.all_done():
             start = fed_columns if cache is not None else 0
             kwargs = cache.forward_kwargs(start) if cache is not None else {}
-            logits = runner.forward(buffer.tokens[:, start:column], start, kwargs)
+            logits = runner.forward(buffer.tokens[:, start:column], buffer.positions(start, column - start),
+                                    attention_mask(buffer, start, column), kwargs)
             if cache is not None and fed_columns == 0:
                 cache.prefill_done()
             fed_columns = column

@@ -52,14 +52,13 @@ class StageRunner:
     def is_sampling_rank(self) -> bool:
         return self.parallel.is_last_pipeline_stage and self.parallel.tp_rank == 0
 
-    def forward(self, tokens: torch.Tensor, start_column: int, forward_kwargs: dict[str, Any]
-                ) -> Optional[torch.Tensor]:
-        """Feed ``tokens`` ``[B, n]`` (buffer columns ``[start_column, start_column + n)``); on the last stage
-        return fp32 full-vocabulary logits ``[B, vocab]`` predicting column ``start_column + n``, else None."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                forward_kwargs: dict[str, Any]) -> Optional[torch.Tensor]:
+        """Feed ``tokens`` ``[B, n]`` (the next n buffer columns) at ``positions`` ``[B, n]``, attending with
+        ``attention_mask`` (``[B, 1, n, columns so far]`` bool, True = masked; None: causal); on the last stage
+        return fp32 full-vocabulary logits ``[B, vocab]`` predicting the next column, else None."""
         num_columns = tokens.shape[1]
         # RoPE in megatron's GPTModel goes by column, not by position_ids; these only matter to learned positions.
-        positions = torch.arange(start_column, start_column + num_columns, device=tokens.device)
-        positions = positions.expand(tokens.shape[0], -1)
         if self.parallel.pp_size > 1:
             received = None
             if self._prev_rank is not None:
@@ -67,7 +66,7 @@ class StageRunner:
                                        device=tokens.device)
                 dist.recv(received, src=self._prev_rank, group=self.parallel.pp_group)
             self._set_input_tensor(received)
-        output = self.model(tokens, positions, None, **forward_kwargs)
+        output = self.model(tokens, positions, attention_mask, **forward_kwargs)
         if self._next_rank is not None:
             dist.send(output.to(self.activation_dtype).contiguous(), dst=self._next_rank,
                       group=self.parallel.pp_group)

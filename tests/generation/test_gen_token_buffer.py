@@ -68,3 +68,33 @@ def test_output_masks_and_padding():
     assert out.response_token_ids() == [[11, 9], [12, 14]] and out.num_generated_tokens == 4
     with pytest.raises(ValueError, match="pad_to_multiple_of=0"):
         build_output(buffer, ("a", "b"), PAD, pad_to_multiple_of=0)
+
+
+def test_prompt_ends_aligned_behind_masked_leading_pad():
+    """align_prompt_ends: prompts end together at the longest prompt's length, every row samples from there, the
+    leading pad is masked and skipped by the positions, and the output is back at column 0."""
+    from megaseg.generation.sampler import attention_mask
+
+    buffer = TokenBuffer.from_prompts(_prompts([5, 6], [1, 2, 3]), max_new_tokens=3, stop_token_ids=STOP,
+                                      pad_token_id=PAD, align_prompt_ends=True)
+    assert buffer.tokens.tolist() == [[0, 5, 6, 0, 0, 0], [1, 2, 3, 0, 0, 0]]
+    assert buffer.start_columns.tolist() == [1, 0] and buffer.first_column_to_predict() == 3
+    assert buffer.positions(0, 3).tolist() == [[0, 0, 1], [0, 1, 2]]
+    assert buffer.positions(3, 1).tolist() == [[2], [3]]
+    # The prefill: causal, and row 0 never attends to its pad column 0.
+    prefill = attention_mask(buffer, 0, 3)
+    assert prefill.shape == (2, 1, 3, 3)
+    assert prefill[0, 0].tolist() == [[True, True, True], [True, False, True], [True, False, False]]
+    assert prefill[1, 0].tolist() == [[False, True, True], [False, False, True], [False, False, False]]
+    # One decode column after 4 cached columns.
+    assert attention_mask(buffer, 4, 5)[:, 0, 0].tolist() == [[True] + [False] * 4, [False] * 5]
+    for column, tokens in zip(range(3, 6), ([11, 12], [9, 13], [14, 9])):
+        buffer.record(column, torch.tensor(tokens))
+    out = build_output(buffer, ("a", "b"), PAD)
+    assert out.sequences.input_ids.tolist() == [[5, 6, 11, 9, 0, 0], [1, 2, 3, 12, 13, 9]]
+    assert out.response_token_ids() == [[11, 9], [12, 13, 9]]
+    assert out.sequences.position_ids.tolist() == [[0, 1, 2, 3, 0, 0], [0, 1, 2, 3, 4, 5]]
+    # Prompts of one length need no mask: the attention's own causal mask is the same thing.
+    same = TokenBuffer.from_prompts(_prompts([5, 6], [1, 2]), max_new_tokens=2, stop_token_ids=STOP,
+                                    pad_token_id=PAD, align_prompt_ends=True)
+    assert same.leading_pad_mask(2) is None and attention_mask(same, 0, 2) is None

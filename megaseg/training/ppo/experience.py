@@ -3,7 +3,8 @@
     actor_forward      log-probs of the sampled tokens under the rollout policy (+ its entropy, for logging)
     reference_forward  reference log-probs AND entropies, from one forward of the frozen SFT model
     critic_forward     V(state before each token)
-    score_segments     segment ends (entropy rule or the baseline's), reward-model head at the ends
+    segmentation       segment ends (entropy rule or the baseline's)
+    score_segments     reward-model head at the ends
     shape_rewards      location-aware normalizer (or the ablation's / the bandit scalar), even / repeat / none
                        interpolation, clamp to [-reward_clip, reward_clip], minus kl_coef * KL per token (one fused
                        Triton kernel when megaseg.kernels selects it)
@@ -135,8 +136,10 @@ def make_experience(rollout: SequenceBatch, sources: ExperienceSources, plan: Re
                                                  chunk_size=entropy_chunk_size, packing=packing)
     with timer.phase("critic_forward"):
         values = critic_values(sources.critic, rollout, parallel_ctx, micro_batch_size=micro, packing=packing)
-    with timer.phase("score_segments"):
+    # Two phases: the segmentation is reward machinery (cheap tensor work), scoring is a reward-model forward.
+    with timer.phase("segmentation"):
         ends = cut_segments(plan, rollout, reference.entropy, sources.sentence_marker)
+    with timer.phase("score_segments"):
         scored = score_segments(plan, sources.scorer, rollout, ends)
     with timer.phase("shape_rewards"):
         shaped = shape_rewards(sources.normalizer, scored, actor.log_probs, reference.log_probs,

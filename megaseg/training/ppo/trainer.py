@@ -8,8 +8,8 @@ takes already-built models and rewards, so tests run the same trainer on tiny mo
 common loop (megaseg.training.common.loop) resumes, steps, evaluates (ppo.eval_every, and once before training) and
 checkpoints (actor and critic in one step directory). One PPO step, each phase timed:
 
-    rollout -> actor_forward -> reference_forward -> critic_forward -> score_segments -> normalize -> interpolate
-    -> advantages -> update_critic -> update_actor
+    rollout -> actor_forward -> reference_forward -> critic_forward -> segmentation -> score_segments -> normalize
+    -> interpolate -> advantages -> update_critic -> update_actor
 
 Metrics go to <out>/metrics.jsonl and TensorBoard (headline under train/, losses and the rest under ppo/, tokens/s
 under speed/, phase seconds under time/), text samples with per-segment rewards to <out>/samples.jsonl.

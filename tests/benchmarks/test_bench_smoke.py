@@ -1,0 +1,55 @@
+"""The benchmark scripts in smoke mode (tiny random Llama over SmolLM2's tokenizer, a few tokens / pairs / steps):
+each runs end to end, checks that its two sides compute the same thing and prints its figures as one JSON last line.
+The figures themselves are only meaningful on SmolLM2 (the scripts' docstrings); here they only have to exist.
+Marked slow: each is a subprocess that imports megatron twice (script and spawned rank) and loads both stacks
+(15-45 s on 2 shared cores; the first also converts the tiny model once for all three)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One tiny model (HF + megatron conversion) shared by the three scripts."""
+    return tmp_path_factory.mktemp("bench_cache")
+
+
+def _run(script: str, cache_dir: Path, *args: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--model", "tiny",
+                                "--cache-dir", str(cache_dir), *args],
+                               capture_output=True, text=True, env=env, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_generation_smoke(cache_dir):
+    result = _run("generation.py", cache_dir, "--batch-size", "3", "--max-new-tokens", "6", "--repeats", "1")
+    assert result["same_tokens"] and result["differing_rows"] == []
+    assert result["megaseg"]["tokens"] == result["hf"]["tokens"] == 18
+    assert result["megaseg_over_hf"] > 0 and result["megaseg"]["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_rm_training_smoke(cache_dir):
+    result = _run("rm_training.py", cache_dir, "--pairs", "2", "--micro-batch", "1", "--top-layers", "1",
+                  "--rounds", "1")
+    losses = result["versus_hf"]["first_step_loss"]
+    assert abs(losses["megaseg"] - losses["hf"]) <= 1e-4
+    assert result["segment_over_bandit"] > 0 and result["megaseg_over_hf"] > 0 and result["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_ppo_step_smoke(cache_dir):
+    result = _run("ppo_step.py", cache_dir, "--steps", "1", "--rollout-batch", "4", "--max-new-tokens", "4")
+    phases = result["phase_seconds"]
+    assert {"rollout", "actor_forward", "reference_forward", "critic_forward", "segmentation", "score_segments",
+            "normalize", "interpolate", "advantages", "update_critic", "update_actor"} <= set(phases)
+    assert 0 < result["reward_machinery_share"] < 1
