@@ -84,3 +84,41 @@ def test_top_layers_from_kept_hidden_states_equal_the_whole_model():
     assert results["capture"] < 1e-5
     assert results["scoring"] < 1e-5
     assert results["num_features"] == 4
+
+
+def _train_both_ways(rank, world_size, tokenizer_dir, out_dir):
+    from pathlib import Path
+
+    from megaseg.parallel import initialize_parallel
+    from megaseg.parallel.initialize import seed_everything
+    from megaseg.training.reward_model.trainer import RewardModelTrainer
+    from rm_test_setup import logged, tiny_rm_config
+
+    results, ctx = {}, None
+    for frozen_prefix in (True, False):
+        config = tiny_rm_config(Path(tokenizer_dir), Path(out_dir) / str(frozen_prefix), **{
+            "rm.train_top_layers": 1, "rm.frozen_prefix": frozen_prefix, "rm.max_steps": 3})
+        ctx = ctx or initialize_parallel(config.parallel, config.seed)
+        seed_everything(config.seed, 0)  # the same random backbone for both runs
+        trainer = RewardModelTrainer.from_config(config, ctx)
+        result = trainer.run()
+        results[frozen_prefix] = {"on": trainer.prefix_features is not None,
+                                  "loss": logged(config.logging.out_dir), "eval": dict(result.last_eval or {}),
+                                  "params": {k: v.detach().clone() for k, v in
+                                             trainer.setup.model.module.named_parameters()}}
+    return results
+
+
+def test_training_through_the_top_layers_equals_the_whole_model(tmp_path, tmp_path_factory):
+    from rm_test_setup import smollm2_tokenizer_dir
+
+    results = run_distributed(_train_both_ways, 1, str(smollm2_tokenizer_dir(tmp_path_factory)), str(tmp_path))[0]
+    fast, whole = results[True], results[False]
+    assert fast["on"] and not whole["on"]
+    assert fast["loss"].keys() == whole["loss"].keys() and len(fast["loss"]) == 3
+    for step, loss in whole["loss"].items():
+        assert abs(fast["loss"][step] - loss) < 1e-5, (step, fast["loss"], whole["loss"])
+    assert abs(fast["eval"]["acc"] - whole["eval"]["acc"]) < 1e-9
+    assert abs(fast["eval"]["loss"] - whole["eval"]["loss"]) < 1e-5
+    for name, value in whole["params"].items():
+        assert torch.allclose(fast["params"][name], value, atol=1e-5), name
