@@ -104,7 +104,11 @@ def run_pipeline(config: MegasegConfig) -> dict[str, Any]:
     with parallel_session(config) as parallel_ctx:
         phase_start = time.perf_counter()
         _say("train_rm: segment the pairs with the SFT model's entropies, then train the reward model")
-        trained = RewardModelTrainer.from_config(config, parallel_ctx).run()
+        trainer = RewardModelTrainer.from_config(config, parallel_ctx)
+        trained = trainer.run()
+        # The frozen bottom layers' output of every pair (None when the normal path ran): the scoring phases run the
+        # reward model's top layers only (megaseg.training.reward_model.frozen_prefix).
+        features = trainer.prefix_features
         rm_dir = trained.outputs["reward_model"]
         seconds["train_rm"] = time.perf_counter() - phase_start
         # Scoring runs under exactly this config: every setting counts as given (megaseg.scoring.inputs).
@@ -113,12 +117,12 @@ def run_pipeline(config: MegasegConfig) -> dict[str, Any]:
 
         phase_start = time.perf_counter()
         _say(f"normalizer: score {config.normalizer.num_samples or 'all'} calibration pairs and fit Mean(p), Std(p)")
-        fit = fit_normalizer(scoring, every_setting, parallel_ctx)
+        fit = fit_normalizer(scoring, every_setting, parallel_ctx, prefix_features=features)
         seconds["normalizer"] = time.perf_counter() - phase_start
 
         phase_start = time.perf_counter()
         _say("evaluate: accuracy on the held-out slice")
-        evaluation = evaluate_reward_model(scoring, every_setting, parallel_ctx)
+        evaluation = evaluate_reward_model(scoring, every_setting, parallel_ctx, prefix_features=features)
         seconds["evaluate"] = time.perf_counter() - phase_start
     seconds["total"] = time.perf_counter() - start
     summary = {
@@ -128,6 +132,7 @@ def run_pipeline(config: MegasegConfig) -> dict[str, Any]:
         "metrics": str(out_dir / METRICS_FILE_NAME),
         "config": str(out_dir / "config.yaml"),
         "held_out_accuracy": evaluation["accuracy"],
+        "held_out_accuracy_ci95": evaluation["accuracy_ci95"],
         "held_out_pairs": evaluation["num_pairs"],
         "held_out_mean_margin": evaluation["mean_margin"],
         "train_steps": trained.steps,

@@ -1,5 +1,5 @@
 """`megaseg quickstart` end to end on a smaller setting: the embedded config with overrides for a tiny random model
-(saved as a converted checkpoint, so no SmolLM2 conversion), 16 pairs and 3 steps. The real run (SmolLM2, 224 pairs)
+(saved as a converted checkpoint, so no SmolLM2 conversion), 16 pairs and 3 steps. The real run (SmolLM2, 800 pairs)
 is the README's main job; this checks the pipeline's wiring and its promised last line."""
 import json
 import subprocess
@@ -33,7 +33,8 @@ def test_quickstart_on_a_tiny_model_prints_its_outputs(tmp_path, tmp_path_factor
     run_distributed(_save_tiny_sft_model, 1, str(tmp_path / "sft"))
     out = tmp_path / "quickstart"
     overrides = {**TINY_ARCHITECTURE, "model.checkpoint": tmp_path / "sft", "model.tokenizer": tokenizer_dir,
-                 "data.max_samples": 16, "data.max_length": 64, "data.max_prompt_length": 32,
+                 "data.max_samples": 16, "data.eval_fraction": 0.25, "rm.epochs": 1,
+                 "data.max_length": 64, "data.max_prompt_length": 32,
                  "rm.global_batch_size": 4, "rm.micro_batch_size": 2, "rm.train_top_layers": 1,
                  "normalizer.num_samples": 8, "checkpoint.save_every": 2}
     completed = subprocess.run(
@@ -44,7 +45,7 @@ def test_quickstart_on_a_tiny_model_prints_its_outputs(tmp_path, tmp_path_factor
     summary = json.loads(completed.stdout.strip().splitlines()[-1])
     for key in ("reward_model", "normalizer", "plot", "metrics", "config"):
         assert Path(summary[key]).exists(), (key, summary[key])
-    assert summary["held_out_pairs"] == 4  # data.eval_fraction 0.25 of the embedded config, of 16 pairs
+    assert summary["held_out_pairs"] == 4  # data.eval_fraction 0.25 of 16 pairs
     assert 0.0 <= summary["held_out_accuracy"] <= 1.0
     assert summary["train_steps"] == 3  # 12 training pairs / 4 per step
     # The embedded config lies under the overrides: its segmentation and its normalizer survive.

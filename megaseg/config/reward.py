@@ -28,6 +28,11 @@ class RewardModelConfig:
     max_steps: Optional[int] = None
     # Train only the top N transformer layers and the head (None: all), for small machines.
     train_top_layers: Optional[int] = None
+    # With train_top_layers set, one process and the whole model on it: keep the frozen bottom layers' output of
+    # every sequence (taken from the entropy pass) in memory and run only the top layers + head in every epoch and
+    # in the held-out scoring (exact; megaseg.training.reward_model.frozen_prefix). Elsewhere the normal path runs.
+    # Off by default until the whole suite has run with it on (the quickstart turns it on); its batches are not packed.
+    frozen_prefix: bool = False
     # Validate on the eval split every N optimizer steps (0: never during training).
     eval_every: int = 0
     # Validate once more after the last step (its metrics go into reward_model.json); off when a separate

@@ -55,6 +55,17 @@ Batch = TypeVar("Batch", bound=ModelInputs)
 LossFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 # (model output on the last stage, the micro-batch) -> whatever forward_only should hand back for it.
 OutputFn = Callable[[torch.Tensor, Any], Any]
+# (the model as the schedule holds it, the micro-batch) -> the model's output: another way through the same modules
+# (megaseg.models.frozen_prefix runs only the top layers from stored hidden states). Default: the model's forward.
+ForwardFn = Callable[[torch.nn.Module, Any], torch.Tensor]
+
+
+def model_forward(model: torch.nn.Module, batch: ModelInputs) -> torch.Tensor:
+    """The model's forward on the micro-batch: its packed row (megaseg.models.packing) when it carries one."""
+    packing = packing_of(batch)
+    if packing is None:
+        return model(batch.input_ids, batch.position_ids, batch.attention_mask)
+    return model(packing.input_ids, packing.position_ids, None, packed_seq_params=packing.packed_seq_params)
 
 
 def _micro_batch_shape(micro_batches: Sequence[ModelInputs]) -> tuple[int, int]:
@@ -74,17 +85,13 @@ def _micro_batch_shape(micro_batches: Sequence[ModelInputs]) -> tuple[int, int]:
 
 
 def _run_schedule(model: torch.nn.Module, micro_batches: Sequence[Batch], on_output: Callable[..., Any],
-                  *, forward_only: bool, collect_non_loss_data: bool) -> list[Any]:
+                  *, forward_only: bool, collect_non_loss_data: bool, forward: ForwardFn = model_forward) -> list[Any]:
     batch_size, seq_length = _micro_batch_shape(micro_batches)
 
     def forward_step(data_iterator, step_model):
         batch = next(data_iterator)
+        output = forward(step_model, batch)
         packing = packing_of(batch)
-        if packing is None:
-            output = step_model(batch.input_ids, batch.position_ids, batch.attention_mask)
-        else:
-            output = step_model(packing.input_ids, packing.position_ids, None,
-                                packed_seq_params=packing.packed_seq_params)
 
         # The schedule calls this on the last stage only: (output) when training, (output, non_loss_data=True) when
         # collecting inference outputs.
@@ -105,18 +112,20 @@ def _run_schedule(model: torch.nn.Module, micro_batches: Sequence[Batch], on_out
 
 
 @torch.no_grad()
-def forward_only(model: torch.nn.Module, micro_batches: Sequence[Batch], output_fn: Optional[OutputFn] = None
-                 ) -> list[Any]:
+def forward_only(model: torch.nn.Module, micro_batches: Sequence[Batch], output_fn: Optional[OutputFn] = None,
+                 forward: ForwardFn = model_forward) -> list[Any]:
     """Inference over `micro_batches`: on the last stage, `output_fn(output, micro_batch)` per micro-batch (the
     output itself when None; prefer reducing it there, e.g. to entropies, to keep vocab-sized logits from piling up).
     Train/eval mode is the caller's (the models have no dropout).
     """
     reduce = output_fn if output_fn is not None else (lambda output, batch: output)
-    return list(_run_schedule(model, micro_batches, reduce, forward_only=True, collect_non_loss_data=True))
+    return list(_run_schedule(model, micro_batches, reduce, forward_only=True, collect_non_loss_data=True,
+                              forward=forward))
 
 
-def forward_backward(model: torch.nn.Module, micro_batches: Sequence[Batch], loss_fn: LossFn
-                     ) -> list[dict[str, torch.Tensor]]:
+def forward_backward(model: torch.nn.Module, micro_batches: Sequence[Batch], loss_fn: LossFn,
+                     forward: ForwardFn = model_forward) -> list[dict[str, torch.Tensor]]:
     """Forward and backward of every micro-batch; gradients accumulate into the model (main_grad under megatron
     DDP, reduced at the end). Returns each micro-batch's metrics dict on the last stage. Does not step."""
-    return list(_run_schedule(model, micro_batches, loss_fn, forward_only=False, collect_non_loss_data=False))
+    return list(_run_schedule(model, micro_batches, loss_fn, forward_only=False, collect_non_loss_data=False,
+                              forward=forward))

@@ -219,10 +219,10 @@ def write_jsonl_atomic(path: str | Path, records: Iterable[dict[str, Any]]) -> P
 
 
 def score_evaluation_data(command_config: MegasegConfig, explicit_keys: Iterable[str],
-                          parallel_ctx: Optional[ParallelContext] = None
+                          parallel_ctx: Optional[ParallelContext] = None, prefix_features: Any = None
                           ) -> tuple[ScoredData, str, Optional[list[Optional[str]]]]:
     """(the scored evaluation pairs, where they came from, each pair's subset or None when the file has none).
-    Collective."""
+    Collective. ``prefix_features``: see megaseg.scoring.inputs.score_encoded_pairs."""
     rm_dir, config = reward_model_config(command_config, explicit_keys)
     encoded, source, path = evaluation_pairs(config)  # bad data fails here, before any process group or model
     by_source = record_subsets(path) if path is not None else {}
@@ -230,15 +230,18 @@ def score_evaluation_data(command_config: MegasegConfig, explicit_keys: Iterable
     from megaseg.parallel import parallel_session
 
     with parallel_session(config, parallel_ctx) as context:
-        return score_encoded_pairs(config, rm_dir, encoded, context), source, subsets
+        return (score_encoded_pairs(config, rm_dir, encoded, context, prefix_features=prefix_features), source,
+                subsets)
 
 
 def evaluate_reward_model(command_config: MegasegConfig, explicit_keys: Iterable[str],
-                          parallel_ctx: Optional[ParallelContext] = None) -> dict[str, Any]:
+                          parallel_ctx: Optional[ParallelContext] = None,
+                          prefix_features: Any = None) -> dict[str, Any]:
     """The metrics dict (module docstring). ``explicit_keys``: the settings the user gave (megaseg.scoring.inputs).
     ``parallel_ctx``: an initialised context to use, or None to initialise one from the config and tear it down
-    after. Collective; every rank gets the metrics."""
-    scored, source, subsets = score_evaluation_data(command_config, explicit_keys, parallel_ctx)
+    after. ``prefix_features``: the trainer's frozen-layer outputs (megaseg.training.reward_model.frozen_prefix), to
+    score through the top layers only. Collective; every rank gets the metrics."""
+    scored, source, subsets = score_evaluation_data(command_config, explicit_keys, parallel_ctx, prefix_features)
     return evaluation_metrics(scored, source, subsets)
 
 

@@ -118,12 +118,13 @@ def _write_outputs(scored: ScoredData, normalizer: Normalizer, data_path: str) -
 
 
 def fit_normalizer(command_config: MegasegConfig, explicit_keys: Iterable[str],
-                   parallel_ctx: Optional[ParallelContext] = None) -> NormalizerFit:
+                   parallel_ctx: Optional[ParallelContext] = None, prefix_features: Any = None) -> NormalizerFit:
     """Score the calibration set, fit, write normalizer.json + normalizer.png into the reward-model directory.
 
     ``command_config``: rm.checkpoint (the reward-model directory), data.train_path, normalizer.kind / method /
     num_samples, and the settings the user gave (``explicit_keys``, see megaseg.scoring.inputs). ``parallel_ctx``: an initialised context to
     use (the caller keeps it), or None to initialise one from the config and tear it down after. Collective.
+    ``prefix_features``: the trainer's frozen-layer outputs, to score through the top layers only (score_encoded_pairs).
     """
     rm_dir, config = reward_model_config(command_config, explicit_keys)
     data_path = config.data.train_path
@@ -136,7 +137,7 @@ def fit_normalizer(command_config: MegasegConfig, explicit_keys: Iterable[str],
     from megaseg.parallel import parallel_session
 
     with parallel_session(config, parallel_ctx) as context:
-        scored = score_encoded_pairs(config, rm_dir, encoded, context)
+        scored = score_encoded_pairs(config, rm_dir, encoded, context, prefix_features=prefix_features)
         normalizer = fit_from_scores(scored.scores, kind=config.normalizer.kind, method=config.normalizer.method,
                                      metadata=normalizer_metadata(config.model.name, config.segmentation,
                                                                   config.rm.aggregation))

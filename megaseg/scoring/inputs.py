@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from megaseg.checkpoint.reward_model_dir import (
     check_reward_model_architecture,
@@ -108,13 +109,25 @@ class ScoredData:
 
 
 def score_encoded_pairs(config: MegasegConfig, rm_dir: Path, encoded: EncodedPairs,
-                        parallel_ctx: ParallelContext) -> ScoredData:
+                        parallel_ctx: ParallelContext, prefix_features: Any = None) -> ScoredData:
     """Segment (cache; the SFT model is loaded only for missing entropies, and freed before the reward model is
-    loaded) and score every pair. Collective."""
+    loaded) and score every pair. Collective.
+
+    ``prefix_features``: the frozen bottom layers' outputs the trainer kept (megaseg.training.reward_model.
+    frozen_prefix.PrefixFeatures): when this reward model's bottom layers are the ones they came from, one process
+    scores through its top layers only (the same scores); otherwise the whole model runs, and a warning says why."""
     from megaseg.segmentation import segment_ends_for
 
     segmented = segment_ends_for(config, encoded, parallel_ctx)
-    model, _ = load_reward_model(rm_dir, parallel_ctx)
+    model, rm_config = load_reward_model(rm_dir, parallel_ctx)
+    if prefix_features is not None:
+        why_not = prefix_features.usable_for(rm_config)
+        if why_not is None and parallel_ctx.world_size != 1:
+            why_not = f"{parallel_ctx.world_size} processes (the frozen-prefix path runs in one)"
+        if why_not is not None:
+            warnings.warn(f"scoring with the whole model, not the kept frozen-layer outputs: {why_not}", stacklevel=2)
+            prefix_features = None
     scores = score_pairs(model, encoded.pairs, segmented, parallel_ctx, aggregation=config.rm.aggregation,
-                         micro_batch_size=config.rm.scoring_micro_batch_size, packing=config.data.packing)
+                         micro_batch_size=config.rm.scoring_micro_batch_size, packing=config.data.packing,
+                         prefix_features=prefix_features)
     return ScoredData(config=config, rm_dir=rm_dir, encoded=encoded, segmented=segmented, scores=scores)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -96,9 +96,11 @@ def _side(results: Sequence[tuple[np.ndarray, np.ndarray, float]]) -> ResponseSc
 def score_pairs(model: torch.nn.Module, pairs: Sequence[TokenizedPair], segmented: SegmentedPairs,
                 parallel_ctx: ParallelContext,
                 *, aggregation: str, micro_batch_size: int,
-                on_progress: Optional[Callable[[int, int], None]] = None, packing: bool = False) -> PairScores:
+                on_progress: Optional[Callable[[int, int], None]] = None, packing: bool = False,
+                prefix_features: Any = None) -> PairScores:
     """Score every pair's chosen and rejected response (see the module docstring). Collective: every rank calls it
-    with the same pairs and gets every pair's scores."""
+    with the same pairs and gets every pair's scores. ``prefix_features``: a PrefixFeatures of ``model``'s frozen
+    bottom layers (megaseg.training.reward_model.frozen_prefix, one process): run its top layers only."""
     if segmented.num_pairs != len(pairs):
         raise ValueError(f"the segmentation holds {segmented.num_pairs} pairs but {len(pairs)} pairs were given; "
                          "segment these very pairs (segment_ends_for)")
@@ -106,10 +108,16 @@ def score_pairs(model: torch.nn.Module, pairs: Sequence[TokenizedPair], segmente
     sequences = [pairs[i].chosen for i in mine] + [pairs[i].rejected for i in mine]
     row_ends = [segmented.chosen_ends[i] for i in mine] + [segmented.rejected_ends[i] for i in mine]
     progress = Progress("scoring", len(sequences), unit="sequences")
-    rows = infer_sequences(model, sequences, micro_batch_size=micro_batch_size,
-                           output_fn=_row_scores_fn(row_ends, aggregation),
-                           is_last_stage=parallel_ctx.is_last_pipeline_stage,
-                           on_progress=on_progress or (lambda done, total: progress.update(done)), packing=packing)
+    if prefix_features is not None:  # the top layers from kept hidden states, unpacked rows
+        rows = prefix_features.infer_sequences(model, sequences, micro_batch_size=micro_batch_size,
+                                               output_fn=_row_scores_fn(row_ends, aggregation),
+                                               is_last_stage=parallel_ctx.is_last_pipeline_stage,
+                                               on_progress=on_progress or (lambda done, total: progress.update(done)))
+    else:
+        rows = infer_sequences(model, sequences, micro_batch_size=micro_batch_size,
+                               output_fn=_row_scores_fn(row_ends, aggregation),
+                               is_last_stage=parallel_ctx.is_last_pipeline_stage,
+                               on_progress=on_progress or (lambda done, total: progress.update(done)), packing=packing)
     progress.close()
     # One rank per replica reports (the last stage's tensor-parallel rank 0); the others hold the same values or none.
     reports = rows is not None and parallel_ctx.tp_rank == 0

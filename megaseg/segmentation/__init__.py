@@ -37,7 +37,8 @@ def _pairs_of(encoded_pairs: EncodedPairs | Sequence[TokenizedPair]) -> list[Tok
 
 def segment_ends_for(config: MegasegConfig, encoded_pairs: EncodedPairs | Sequence[TokenizedPair], parallel_ctx: ParallelContext,
                      model: Optional[torch.nn.Module] = None, *, tokenizer: Any = None,
-                     load_model: Optional[Callable[[], torch.nn.Module]] = None) -> SegmentedPairs:
+                     load_model: Optional[Callable[[], torch.nn.Module]] = None,
+                     capture: Any = None) -> SegmentedPairs:
     """Segment ends of every pair under ``config.segmentation``, from the cache (filled first where needed).
 
     Args:
@@ -49,6 +50,7 @@ def segment_ends_for(config: MegasegConfig, encoded_pairs: EncodedPairs | Sequen
         tokenizer: for sentence mode (None loads ``model.tokenizer``).
         load_model: builds the SFT model when ``model`` is None and entropies are missing (default
             ``load_entropy_model(config)``).
+        capture: fed by the forwards of the entropy pass, when one runs (``entropy_pass.ensure_entropy_cache``).
 
     Collective: every rank calls it; every rank gets all pairs.
     """
@@ -58,5 +60,6 @@ def segment_ends_for(config: MegasegConfig, encoded_pairs: EncodedPairs | Sequen
                       f"segmentation.entropy_cutoff={config.segmentation.entropy_cutoff}", stacklevel=2)
     entropy_store = None
     if config.segmentation.mode == "entropy":
-        entropy_store = ensure_entropy_cache(config, pairs, parallel_ctx, model, load_model=load_model)
+        entropy_store = ensure_entropy_cache(config, pairs, parallel_ctx, model, load_model=load_model,
+                                             capture=capture)
     return ensure_segment_cache(config, pairs, entropy_store, tokenizer)

@@ -8,8 +8,9 @@ tensor-parallel rank 0, writes the shard.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -30,10 +31,12 @@ def load_entropy_model(config: MegasegConfig) -> torch.nn.Module:
     return load_sft_language_model(config, "entropy segmentation", frozen=True)
 
 
-def _entropy_rows_fn(parallel_ctx: ParallelContext, chunk_size: Optional[int]):
+def _entropy_rows_fn(parallel_ctx: ParallelContext, chunk_size: Optional[int], capture: Any = None):
     from megaseg.parallel.vocab_parallel import vocab_parallel_entropy
 
     def rows(logits: torch.Tensor, micro_batch) -> list[np.ndarray]:
+        if capture is not None:  # right after this micro-batch's forward: its hidden states are the ones captured
+            capture.collect(micro_batch)
         entropy = vocab_parallel_entropy(logits, tensor_parallel_group(parallel_ctx), chunk_size=chunk_size)  # [b, S]
         prompt_lengths = micro_batch.sequences.prompt_lengths().tolist()
         response_lengths = micro_batch.sequences.response_lengths().tolist()
@@ -44,13 +47,15 @@ def _entropy_rows_fn(parallel_ctx: ParallelContext, chunk_size: Optional[int]):
 
 
 def compute_entropy_shard(model: torch.nn.Module, pairs: Sequence[TokenizedPair], parallel_ctx: ParallelContext,
-                          config: MegasegConfig) -> Optional[dict[str, np.ndarray]]:
+                          config: MegasegConfig, capture: Any = None) -> Optional[dict[str, np.ndarray]]:
     """The arrays of one entropy shard on the last pipeline stage (None elsewhere). Collective over the
-    model-parallel group."""
+    model-parallel group. ``capture``: see ``ensure_entropy_cache``."""
     sequences = [pair.chosen for pair in pairs] + [pair.rejected for pair in pairs]
     rows = infer_sequences(model, sequences, micro_batch_size=config.segmentation.micro_batch_size,
-                           output_fn=_entropy_rows_fn(parallel_ctx, config.segmentation.entropy_chunk_size),
-                           is_last_stage=parallel_ctx.is_last_pipeline_stage, packing=config.data.packing)
+                           output_fn=_entropy_rows_fn(parallel_ctx, config.segmentation.entropy_chunk_size, capture),
+                           is_last_stage=parallel_ctx.is_last_pipeline_stage,
+                           # The capture files hidden states by rows of a padded micro-batch.
+                           packing=config.data.packing and capture is None)
     if rows is None:
         return None
     chosen = RaggedArray.from_arrays(rows[:len(pairs)], np.float32)
@@ -64,11 +69,15 @@ def compute_entropy_shard(model: torch.nn.Module, pairs: Sequence[TokenizedPair]
 
 def ensure_entropy_cache(config: MegasegConfig, pairs: Sequence[TokenizedPair], parallel_ctx: ParallelContext,
                          model: Optional[torch.nn.Module] = None, *,
-                         load_model: Optional[Callable[[], torch.nn.Module]] = None) -> ShardedStore:
+                         load_model: Optional[Callable[[], torch.nn.Module]] = None,
+                         capture: Any = None) -> ShardedStore:
     """The complete entropy entry for ``pairs``, computing the missing shards. Collective.
 
     ``model``: the SFT model, or None to call ``load_model`` (default: ``load_entropy_model(config)``) only when a shard
-    is missing, so a complete cache is read without loading any weights."""
+    is missing, so a complete cache is read without loading any weights.
+    ``capture``: None, or what else to take out of the forwards that compute missing shards (one process, PP=1):
+    ``capture.attached(model)`` (a context manager) around them and ``capture.collect(micro_batch)`` after each
+    micro-batch's forward (megaseg.training.reward_model.frozen_prefix keeps the frozen layers' output)."""
     seg = config.segmentation
     key = entropy_cache_key(config, pairs, model_identity(config.model, model=model, parallel_ctx=parallel_ctx))
     store = open_collectively(cache_root(config) / f"entropy-{key_digest(key)}", "entropy", key, len(pairs),
@@ -84,11 +93,13 @@ def ensure_entropy_cache(config: MegasegConfig, pairs: Sequence[TokenizedPair], 
         print_rank_zero(f"entropies: {len(missing)} shard(s) to compute, {len(mine)} on this data-parallel rank")
         progress = Progress(f"entropies -> {store.root}", len(mine), unit="shards", interval=0.0)
         writes = parallel_ctx.is_last_pipeline_stage and parallel_ctx.tp_rank == 0
-        for shard in mine:
-            arrays = compute_entropy_shard(model, [pairs[i] for i in store.pair_range(shard)], parallel_ctx, config)
-            if writes:
-                store.write_shard(shard, arrays)
-            progress.update(progress.done + 1)
+        with capture.attached(model) if capture is not None else contextlib.nullcontext():
+            for shard in mine:
+                arrays = compute_entropy_shard(model, [pairs[i] for i in store.pair_range(shard)], parallel_ctx,
+                                               config, capture)
+                if writes:
+                    store.write_shard(shard, arrays)
+                progress.update(progress.done + 1)
         progress.close()
     barrier()
     if is_rank_zero():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from megaseg.config import MegasegConfig
 from megaseg.data.encoding import EncodedPairs, TokenizedPair
@@ -43,11 +43,12 @@ class SegmentedPair:
 
 
 def segment_pairs(config: MegasegConfig, pairs: Sequence[TokenizedPair],
-                  parallel_ctx: ParallelContext) -> list[SegmentedPair]:
-    """SegmentedPairs for `pairs` under config.segmentation (collective: every rank calls it, all get all pairs)."""
+                  parallel_ctx: ParallelContext, capture: Any = None) -> list[SegmentedPair]:
+    """SegmentedPairs for `pairs` under config.segmentation (collective: every rank calls it, all get all pairs);
+    ``capture``: fed by the entropy pass, if one runs (megaseg.segmentation.segment_ends_for)."""
     from megaseg.segmentation import segment_ends_for
 
-    segmented = segment_ends_for(config, list(pairs), parallel_ctx)
+    segmented = segment_ends_for(config, list(pairs), parallel_ctx, capture=capture)
     if segmented.num_pairs != len(pairs):
         raise ValueError(f"the segmentation returned ends for {segmented.num_pairs} pairs, not {len(pairs)}; its "
                          f"cache entry {segmented.cache_entry} belongs to other data: delete it and segment again")
@@ -88,8 +89,10 @@ class RewardModelData:
         return "\n".join(lines)
 
 
-def load_reward_model_data(config: MegasegConfig, parallel_ctx: ParallelContext) -> RewardModelData:
-    """Every rank loads the same splits (small next to the model) and the same segment ends."""
+def load_reward_model_data(config: MegasegConfig, parallel_ctx: ParallelContext,
+                           prefix_features: Any = None) -> RewardModelData:
+    """Every rank loads the same splits (small next to the model) and the same segment ends. ``prefix_features``:
+    a megaseg.training.reward_model.frozen_prefix.PrefixFeatures the entropy pass, if one runs, fills."""
     if config.model.tokenizer is None:
         raise ValueError("model.tokenizer is not set; point it at the model's tokenizer directory or GGUF file "
                          "(a converted checkpoint's megaseg_model.yaml sets it)")
@@ -99,7 +102,8 @@ def load_reward_model_data(config: MegasegConfig, parallel_ctx: ParallelContext)
                          f"model.vocab_size={config.model.vocab_size}; use the tokenizer of this model")
     renderer = ChatTemplateRenderer(tokenizer, config.model.eos_token_ids)
     train, evaluation = load_preference_splits(config.data, renderer, seed=config.seed)
-    train_pairs = segment_pairs(config, train.pairs, parallel_ctx)
-    eval_pairs = segment_pairs(config, evaluation.pairs, parallel_ctx) if evaluation else None
+    capture = prefix_features.entropy_capture() if prefix_features is not None else None
+    train_pairs = segment_pairs(config, train.pairs, parallel_ctx, capture)
+    eval_pairs = segment_pairs(config, evaluation.pairs, parallel_ctx, capture) if evaluation else None
     return RewardModelData(train=train_pairs, eval=eval_pairs, pad_id=padding_token_id(tokenizer),
                            train_encoding=train, eval_encoding=evaluation)

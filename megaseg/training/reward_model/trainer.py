@@ -27,13 +27,19 @@ from megaseg.checkpoint.step_dirs import TrainedModel, TrainingProgress
 from megaseg.config import MegasegConfig
 from megaseg.config.loader import RESOLVED_CONFIG_NAME, absolute_local_paths
 from megaseg.models.pipeline import forward_backward
-from megaseg.parallel.collectives import sum_over_replicas
+from megaseg.parallel.collectives import print_rank_zero, sum_over_replicas
 from megaseg.parallel.initialize import ParallelContext
 from megaseg.training.common.loop import RunResult, StepPlan, StepReport, Trainer, plan_steps, rank_sampler
 from megaseg.training.common.metrics import METRICS_FILE_NAME
 from megaseg.training.common.optimizer import TrainingSetup, setup_training
 from megaseg.training.reward_model.batches import collate_step
 from megaseg.training.reward_model.data import RewardModelData, load_reward_model_data
+from megaseg.training.reward_model.frozen_prefix import (
+    PrefixFeatures,
+    complete_prefix_features,
+    frozen_bottom_source,
+    frozen_prefix_plan,
+)
 from megaseg.training.reward_model.loss import PairMetrics, segment_preference_loss, zero_statistics
 from megaseg.training.reward_model.validation import validate
 
@@ -68,21 +74,30 @@ class RewardModelTrainer(Trainer):
     config_sections = ("seed", "model", "data", "segmentation", "rm")
 
     def __init__(self, config: MegasegConfig, parallel_ctx: ParallelContext, *, data: RewardModelData,
-                 setup: TrainingSetup, plan: StepPlan) -> None:
+                 setup: TrainingSetup, plan: StepPlan, prefix_features: Optional[PrefixFeatures] = None) -> None:
         super().__init__(config, parallel_ctx, plan=plan, sampler=rank_sampler(len(data.train), config, parallel_ctx))
         self.data, self.setup = data, setup
         self.loss_fn = partial(segment_preference_loss, aggregation=config.rm.aggregation)
+        # The frozen bottom layers' output of every train/eval sequence: steps and validation run the top layers only.
+        self.prefix_features = prefix_features
 
     @classmethod
     def from_config(cls, config: MegasegConfig, parallel_ctx: ParallelContext) -> "RewardModelTrainer":
         config = absolute_local_paths(config)
-        data = load_reward_model_data(config, parallel_ctx)
+        num_bottom, why = frozen_prefix_plan(config, parallel_ctx)
+        features = PrefixFeatures(num_bottom, frozen_bottom_source(config)) if num_bottom is not None else None
+        # The entropy pass's SFT model has the reward model's bottom layers only when both are read from a checkpoint.
+        capture_from_entropy_pass = features is not None and config.model.checkpoint is not None
+        data = load_reward_model_data(config, parallel_ctx, features if capture_from_entropy_pass else None)
         rm = config.rm
         plan = plan_steps(section="rm", num_samples=len(data.train), global_batch_size=rm.global_batch_size,
                           micro_batch_size=rm.micro_batch_size, dp_size=parallel_ctx.dp_size, epochs=rm.epochs,
                           max_steps=rm.max_steps)
         model = load_sft_scalar_head_model(config, "train-rm")
-        return cls(config, parallel_ctx, data=data, plan=plan,
+        if features is not None:
+            features, why = complete_prefix_features(features, model, data, rm.scoring_micro_batch_size, why)
+        print_rank_zero(f"frozen prefix: {'on' if features is not None else 'off, the whole model runs'}: {why}")
+        return cls(config, parallel_ctx, data=data, plan=plan, prefix_features=features,
                    setup=setup_training(model, rm.optimizer, plan.schedule_steps, rm.train_top_layers))
 
     def trained_models(self) -> Mapping[str, TrainedModel]:
@@ -106,11 +121,15 @@ class RewardModelTrainer(Trainer):
         start = time.perf_counter()
         with self.timer.phase("batch"):
             pairs = [self.data.train[index] for index in indices]
+            # The frozen-prefix path files its hidden states by rows of padded micro-batches: it does not pack.
             micro_batches = collate_step(pairs, self.plan.micro_batch_size, self.data.pad_id,
-                                         packing=self.config.data.packing)
+                                         packing=self.config.data.packing and self.prefix_features is None)
         with self.timer.phase("forward_backward"):
             self.setup.zero_grads()
-            outputs = forward_backward(self.setup.model, micro_batches, self.loss_fn)
+            if self.prefix_features is not None:
+                outputs = self.prefix_features.forward_backward(self.setup.model, micro_batches, self.loss_fn)
+            else:
+                outputs = forward_backward(self.setup.model, micro_batches, self.loss_fn)
         with self.timer.phase("optimizer"):
             learning_rate = self.setup.optimizer.param_groups[0]["lr"]
             result = self.setup.step()
@@ -127,7 +146,7 @@ class RewardModelTrainer(Trainer):
         # Inference only: as many sequences per forward as scoring uses.
         metrics = validate(self.setup.model, self.data.eval, micro_batch_size=self.config.rm.scoring_micro_batch_size,
                            aggregation=self.config.rm.aggregation, parallel_ctx=self.ctx,
-                           packing=self.config.data.packing)
+                           packing=self.config.data.packing, prefix_features=self.prefix_features)
         self.logger.message(f"eval at step {step}: accuracy {metrics.accuracy:.4f} on {metrics.num_pairs} pairs, "
                             f"loss {metrics.loss:.4f}")
         return {**metrics.as_scalars(), "num_pairs": metrics.num_pairs}

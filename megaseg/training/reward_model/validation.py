@@ -8,6 +8,7 @@ summed statistics are reduced once at the end. For scoring a saved reward model 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -39,17 +40,23 @@ def _statistics(pairs: Sequence[SegmentedPair], chosen: Sequence[float], rejecte
 
 @torch.no_grad()
 def validate(model: torch.nn.Module, pairs: Sequence[SegmentedPair], *, micro_batch_size: int, aggregation: str,
-             parallel_ctx: ParallelContext, packing: bool = False) -> PairMetrics:
-    """Metrics over all of `pairs` (every rank passes the same list; each scores its data-parallel share)."""
+             parallel_ctx: ParallelContext, packing: bool = False, prefix_features: Any = None) -> PairMetrics:
+    """Metrics over all of `pairs` (every rank passes the same list; each scores its data-parallel share);
+    ``prefix_features`` (megaseg.training.reward_model.frozen_prefix): run the top layers from them (unpacked)."""
     shard = list(pairs[parallel_ctx.dp_rank::parallel_ctx.dp_size])
     sequences = [item.pair.chosen for item in shard] + [item.pair.rejected for item in shard]
     row_ends = [item.chosen_ends for item in shard] + [item.rejected_ends for item in shard]
     was_training = model.training
     model.eval()
     try:
-        scores = infer_sequences(model, sequences, micro_batch_size=micro_batch_size,
-                                 output_fn=_row_scores_fn(row_ends, aggregation),
-                                 is_last_stage=parallel_ctx.is_last_pipeline_stage, packing=packing)
+        if prefix_features is not None:
+            scores = prefix_features.infer_sequences(model, sequences, micro_batch_size=micro_batch_size,
+                                                     output_fn=_row_scores_fn(row_ends, aggregation),
+                                                     is_last_stage=parallel_ctx.is_last_pipeline_stage)
+        else:
+            scores = infer_sequences(model, sequences, micro_batch_size=micro_batch_size,
+                                     output_fn=_row_scores_fn(row_ends, aggregation),
+                                     is_last_stage=parallel_ctx.is_last_pipeline_stage, packing=packing)
     finally:
         model.train(was_training)
     local = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
