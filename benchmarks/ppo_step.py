@@ -6,8 +6,8 @@
 
 The step is megaseg's own: ``PPOTrainer.train_one_step`` with its named, timed phases (megaseg.training.ppo):
 
-    rollout -> actor_forward -> reference_forward -> critic_forward -> segmentation -> score_segments -> normalize
-    -> interpolate -> advantages -> update_critic -> update_actor
+    rollout -> actor_forward -> reference_forward -> critic_forward -> segmentation -> score_segments
+    -> shape_rewards -> advantages -> update_critic -> update_actor
 
 Setup (examples/ppo_cpu.yaml's settings: segment rewards, even interpolation, location normalizer, c_ent 4.0, top 6
 layers of actor and critic train, micro-batches of 2 for the updates): actor, reference and critic from the SFT
@@ -17,8 +17,9 @@ sampler. The reward model is the SFT backbone with a fresh seeded head and the n
 (the paper's Phi-3 fit): a trained reward model and a fitted normalizer cost exactly the same per step.
 
 Reported: each phase's seconds per step (median over ``--steps`` steps after one warm-up step), the step's total,
-and ``reward_machinery_share`` = (segmentation + normalize + interpolate + advantages) / step seconds (target
-<= 2%); ``advantages`` is the KL penalty plus GAE and whitening. The CPU may be shared with other work: the shares
+and ``reward_machinery_share`` = (segmentation + shape_rewards + advantages) / step seconds (target <= 2%);
+``shape_rewards`` is the normalizer, the interpolation, the clamp and the KL penalty, ``advantages`` GAE and
+whitening. The CPU may be shared with other work: the shares
 within one run compare, absolute seconds less so. The last line is one JSON object.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ from bench_models import BenchCheckpoints, bench_checkpoints  # noqa: E402
 
 from megaseg.parallel.spawn import run_distributed  # noqa: E402
 
-REWARD_MACHINERY = ("segmentation", "normalize", "interpolate", "advantages")
+REWARD_MACHINERY = ("segmentation", "shape_rewards", "advantages")
 # examples/ppo_cpu.yaml's PPO settings (its model and reward-model paths come from the benchmark's checkpoints).
 PPO_OVERRIDES = (
     "data.prompt_path=shipped:prompts/arena-hard-v0.1_question.jsonl", "segmentation.mode=entropy",

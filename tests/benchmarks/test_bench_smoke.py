@@ -51,5 +51,5 @@ def test_ppo_step_smoke(cache_dir):
     result = _run("ppo_step.py", cache_dir, "--steps", "1", "--rollout-batch", "4", "--max-new-tokens", "4")
     phases = result["phase_seconds"]
     assert {"rollout", "actor_forward", "reference_forward", "critic_forward", "segmentation", "score_segments",
-            "normalize", "interpolate", "advantages", "update_critic", "update_actor"} <= set(phases)
+            "shape_rewards", "advantages", "update_critic", "update_actor"} <= set(phases)
     assert 0 < result["reward_machinery_share"] < 1
