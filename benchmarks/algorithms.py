@@ -50,7 +50,8 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+# The script's own folder (sys.path[0]) holds kernels.py, which would shadow the `kernels` package transformers probes for.
+sys.path[0] = ROOT
 sys.path.insert(0, os.path.join(ROOT, "tests", "algorithms"))
 
 import algo_reference as ref  # noqa: E402

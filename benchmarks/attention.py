@@ -18,8 +18,9 @@ import time
 
 import torch
 
+# The script's own folder (sys.path[0]) holds kernels.py, which would shadow the `kernels` package transformers probes for.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[0] = ROOT
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -34,10 +34,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Python puts this script's folder first on sys.path, where kernels.py would shadow the `kernels` package that
+# transformers probes for at import; the siblings are imported as `benchmarks.*` from the repository root instead.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench_models import BenchCheckpoints, bench_checkpoints, load_hf_causal_lm  # noqa: E402
+from benchmarks.bench_models import BenchCheckpoints, bench_checkpoints, load_hf_causal_lm  # noqa: E402
 
 from megaseg.parallel.spawn import run_distributed  # noqa: E402
 

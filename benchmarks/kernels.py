@@ -32,7 +32,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before any megaseg kernel is defined
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The script's own folder (sys.path[0]) holds kernels.py, which would shadow the `kernels` package transformers probes for.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from megaseg.algorithms.advantages import gae  # noqa: E402
 from megaseg.algorithms.aggregation import aggregate_segment_rewards  # noqa: E402

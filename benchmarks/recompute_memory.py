@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
+from pathlib import Path
 
-from megaseg.config import load_config
-from megaseg.planning.measure import measure_activation_peak
-from megaseg.planning.memory import CPU_KERNELS, Layout, Recompute, stage_activation_bytes
+# The script's own folder (sys.path[0]) holds kernels.py, which would shadow the `kernels` package transformers probes for.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from megaseg.config import load_config  # noqa: E402
+from megaseg.planning.measure import measure_activation_peak  # noqa: E402
+from megaseg.planning.memory import CPU_KERNELS, Layout, Recompute, stage_activation_bytes  # noqa: E402
 
 SETTINGS = (Recompute(), Recompute("selective"), Recompute("full", "uniform", 1), Recompute("full", "block", 1))
 MIB = 2 ** 20

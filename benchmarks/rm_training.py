@@ -41,10 +41,11 @@ from typing import Callable, Sequence
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Python puts this script's folder first on sys.path, where kernels.py would shadow the `kernels` package that
+# transformers probes for at import; the siblings are imported as `benchmarks.*` from the repository root instead.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench_models import BenchCheckpoints, bench_checkpoints  # noqa: E402
+from benchmarks.bench_models import BenchCheckpoints, bench_checkpoints  # noqa: E402
 
 LOSS_TOLERANCE = 1e-4
 # The quickstart's data and reward-model settings (megaseg/resources/configs/quickstart.yaml).

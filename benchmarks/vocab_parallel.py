@@ -24,10 +24,15 @@ import json
 import re
 import statistics
 import time
+import sys
+from pathlib import Path
 
-import torch
+# The script's own folder (sys.path[0]) holds kernels.py, which would shadow the `kernels` package transformers probes for.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from megaseg.parallel.spawn import run_distributed
+import torch  # noqa: E402
+
+from megaseg.parallel.spawn import run_distributed  # noqa: E402
 
 MIB = 2**20
 

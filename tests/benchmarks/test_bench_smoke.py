@@ -53,3 +53,32 @@ def test_ppo_step_smoke(cache_dir):
     assert {"rollout", "actor_forward", "reference_forward", "critic_forward", "segmentation", "score_segments",
             "shape_rewards", "advantages", "update_critic", "update_actor"} <= set(phases)
     assert 0 < result["reward_machinery_share"] < 1
+
+
+SHADOW_CHECK = r"""
+import importlib.util, runpy, sys
+from pathlib import Path
+bench = Path(sys.argv[1])
+for script in sorted(bench.glob("*.py")):
+    if "__main__" not in script.read_text():
+        continue  # a helper module (bench_models), not a script
+    sys.path[0] = str(bench)  # what `python benchmarks/<script>.py` starts with
+    runpy.run_path(str(script), run_name="imported")  # the module level only: imports and the sys.path fix
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or Path(spec.origin).parent != bench, f"{script.name} leaves {spec.origin} importable as kernels"
+import transformers.activations  # probes `kernels` (the fake distribution below says it is installed)
+print("ok")
+"""
+
+
+def test_benchmark_scripts_do_not_shadow_the_kernels_package(tmp_path):
+    """CI failed once on this: a script's folder is sys.path[0], so benchmarks/kernels.py answered transformers'
+    `import kernels` probe (made when a `kernels` distribution is installed) and every HF load died with an
+    ImportError. A fake `kernels` distribution makes transformers probe here as it did there."""
+    dist_info = tmp_path / "kernels-0.18.2.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.18.2\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)]), "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run([sys.executable, "-c", SHADOW_CHECK, str(REPO / "benchmarks")],
+                               capture_output=True, text=True, env=env, timeout=300)
+    assert completed.returncode == 0 and completed.stdout.strip().endswith("ok"), completed.stderr[-4000:]
