@@ -11,7 +11,8 @@ Where it applies (``frozen_prefix_plan``): rm.frozen_prefix, rm.train_top_layers
 crosses stages) and no sequence parallelism; and the features must fit FEATURE_MEMORY_LIMIT_BYTES (past it they are
 dropped, ``overflowed``). Otherwise the normal path runs and the log says why.
 
-Features are fp32 (bf16 would change the scores), one [length, hidden] tensor per distinct token sequence, keyed by
+Features keep the dtype the layers compute in (model.params_dtype: rounding them to anything else would change the
+scores), one [length, hidden] tensor per distinct token sequence, keyed by
 its token ids: a lookup can only return the hidden states of exactly these tokens, and the chosen and rejected rows
 of a micro-batch, the scorer's sorted micro-batches and the entropy pass's all find theirs whatever their order.
 They are not written to disk: a resumed run recomputes them (the bottom layers only, when the entropies are cached).
@@ -32,9 +33,8 @@ from megaseg.models.inference import PAD_ID, InferenceMicroBatch, plan_micro_bat
 from megaseg.models.pipeline import forward_backward, packing_of
 from megaseg.parallel.initialize import ParallelContext
 
-# fp32 features of ~3.6M tokens at SmolLM2's hidden size 576; beyond this the normal path runs.
+# fp32 features of ~3.6M tokens at SmolLM2's hidden size 576 (bf16: twice as many); beyond this the normal path runs.
 FEATURE_MEMORY_LIMIT_BYTES = 8 * 1024 ** 3
-FEATURE_DTYPE = torch.float32
 
 
 def _tokens(sequence: TokenizedSequence) -> tuple[int, ...]:
@@ -55,7 +55,7 @@ def frozen_prefix_plan(config: MegasegConfig, parallel_ctx: ParallelContext) -> 
     if config.parallel.sequence_parallel:
         return None, "parallel.sequence_parallel=true"
     num_bottom = model.num_layers - rm.train_top_layers
-    return num_bottom, (f"layers 0-{num_bottom - 1} are frozen: their output is kept per sequence (fp32, in memory) "
+    return num_bottom, (f"layers 0-{num_bottom - 1} are frozen: their output is kept per sequence (in memory) "
                         f"and every training and scoring pass runs the top {rm.train_top_layers} layers + head")
 
 
@@ -92,7 +92,8 @@ def _row_lengths(batch: Any) -> list[int]:
 
 
 class PrefixFeatures:
-    """The input of layer ``num_bottom_layers`` for every sequence added, fp32 [length, hidden] each, by token ids.
+    """The input of layer ``num_bottom_layers`` for every sequence added, [length, hidden] each (in the
+    layers' dtype), by token ids.
 
     ``source`` names the frozen bottom (the SFT checkpoint): a reward model may use these features only if its
     layers below ``num_bottom_layers`` are that checkpoint's (``usable_for``)."""
@@ -122,7 +123,7 @@ class PrefixFeatures:
             length = int(lengths[row])
             key = tuple(input_ids[row, :length].tolist())
             if key not in self._rows:
-                self._rows[key] = hidden_states[:length, row].to(FEATURE_DTYPE).clone()
+                self._rows[key] = hidden_states[:length, row].clone()
                 self.num_bytes += self._rows[key].numel() * self._rows[key].element_size()
         if self.num_bytes > self.max_bytes:
             self._rows.clear()
