@@ -3,10 +3,12 @@ megaseg's SDPAttention (torch's fused scaled_dot_product_attention), inside a Sm
 9 heads in 3 query groups, ffn 1536) cut to --layers layers, random weights, on random token ids.
 
     .venv/bin/python benchmarks/attention.py [--layers 4] [--batch 4] [--seq 512] [--rounds 3] [--threads N]
+        [--profile]
 
 Both models hold the same weights; the script first checks that they give the same logits and gradients, then times
 forward + backward of each in interleaved rounds (best of each round's 2 runs) and reports tokens per second and
-the speed-up. The last printed line is one JSON object.
+the speed-up. ``--profile`` first prints torch.profiler's operator table of one step of each (the unfused chain's
+baddbmm / masked softmax / bmm against one scaled_dot_product_attention). The last printed line is one JSON object.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import torch
 # The script's own folder (sys.path[0]) holds kernels.py, which would shadow the `kernels` package transformers probes for.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[0] = ROOT
+
+from benchmarks.bench_models import profile_table  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -59,6 +63,10 @@ def run(args: argparse.Namespace) -> dict:
         grad_diff = float((fused_grad - unfused_grad).abs().max() / unfused_grad.abs().max())
         if logits_diff > 1e-3 or grad_diff > 1e-3:
             raise SystemExit(f"the two attentions disagree: logits {logits_diff:.2e}, relative qkv grad {grad_diff:.2e}")
+        if args.profile:
+            for name, model in (("sdpa", fused), ("unfused (megatron DotProductAttention)", unfused)):
+                print(f"torch.profiler, one forward + backward, {name}:\n" + profile_table(lambda: step(model), 15),
+                      flush=True)
         times = {"sdpa": [], "unfused": []}
         for _ in range(args.rounds):
             for name, model in (("sdpa", fused), ("unfused", unfused)):
@@ -86,6 +94,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's table of one step of each")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

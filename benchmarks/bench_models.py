@@ -95,3 +95,12 @@ def load_hf_causal_lm(checkpoints: BenchCheckpoints, attention: str = "sdpa") ->
     model = AutoModelForCausalLM.from_pretrained(str(checkpoints.hf_dir), torch_dtype=torch.float32,
                                                  attn_implementation=attention, local_files_only=True)
     return model.eval()
+
+
+def profile_table(call, row_limit: int = 25) -> str:
+    """torch.profiler's operator table (self CPU time, largest first) of one ``call()``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)

@@ -38,7 +38,7 @@ import torch
 # transformers probes for at import; the siblings are imported as `benchmarks.*` from the repository root instead.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from benchmarks.bench_models import BenchCheckpoints, bench_checkpoints, load_hf_causal_lm  # noqa: E402
+from benchmarks.bench_models import BenchCheckpoints, bench_checkpoints, load_hf_causal_lm, profile_table  # noqa: E402
 
 from megaseg.parallel.spawn import run_distributed  # noqa: E402
 
@@ -77,14 +77,6 @@ def first_difference(a: list[list[int]], b: list[list[int]]) -> list[dict]:
             position = next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
             differences.append({"row": row, "position": position, "megaseg_len": len(x), "hf_len": len(y)})
     return differences
-
-
-def _profile(call, row_limit: int = 25) -> str:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        call()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)
 
 
 def _measure(rank, world_size, checkpoints: BenchCheckpoints, prompts, stop_ids, pad_id, max_new_tokens: int,
@@ -146,8 +138,8 @@ def _measure(rank, world_size, checkpoints: BenchCheckpoints, prompts, stop_ids,
                                    "tokens_per_s": round(num_tokens / full_seconds, 1),
                                    "same_tokens_as_kv_cache": full_tokens == megaseg_tokens}
     if profile:
-        print("torch.profiler, one megaseg kv_cache call:\n" + _profile(megaseg_call), flush=True)
-        print("torch.profiler, one transformers generate call:\n" + _profile(hf_call), flush=True)
+        print("torch.profiler, one megaseg kv_cache call:\n" + profile_table(megaseg_call), flush=True)
+        print("torch.profiler, one transformers generate call:\n" + profile_table(hf_call), flush=True)
     return results
 
 

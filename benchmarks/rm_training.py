@@ -5,6 +5,7 @@ megaseg vs a plain Hugging Face transformers implementation of the same step.
         [--rounds 3] [--threads 1] [--cache-dir /tmp/megaseg-bench-cache]
     .venv/bin/python benchmarks/rm_training.py --model tiny --pairs 2 --micro-batch 2 --rounds 1    # smoke mode
     .venv/bin/python benchmarks/rm_training.py --packing-compare --pairs 8 --micro-batch 4 --threads 2   # packed vs padded
+    .venv/bin/python benchmarks/rm_training.py --profile    # also torch.profiler's table of one step of each side
 
 The step (what train-rm does per optimizer step): zero the gradients, forward + backward of the chosen and rejected
 answers of ``--pairs`` pairs (``--micro-batch`` pairs per forward) through backbone + scalar head, segment
@@ -45,7 +46,7 @@ import torch
 # transformers probes for at import; the siblings are imported as `benchmarks.*` from the repository root instead.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from benchmarks.bench_models import BenchCheckpoints, bench_checkpoints  # noqa: E402
+from benchmarks.bench_models import BenchCheckpoints, bench_checkpoints, profile_table  # noqa: E402
 
 LOSS_TOLERANCE = 1e-4
 # The quickstart's data and reward-model settings (megaseg/resources/configs/quickstart.yaml).
@@ -202,13 +203,19 @@ def measure_segment_over_bandit(step: RewardStep, segment_batches, bandit_batche
             "segment_over_bandit": median_ratio(seconds["segment"], seconds["bandit"])}
 
 
-def measure_megaseg_over_hf(megaseg: RewardStep, hf: RewardStep, micro_batches, rounds: int) -> dict:
-    """megaseg's step vs transformers' on the same batch; the first step of each (same weights) checks the loss."""
+def measure_megaseg_over_hf(megaseg: RewardStep, hf: RewardStep, micro_batches, rounds: int,
+                            profile: bool = False) -> dict:
+    """megaseg's step vs transformers' on the same batch; the first step of each (same weights) checks the loss.
+    ``profile``: then print torch.profiler's operator table of one more step of each (not timed)."""
     megaseg_loss, hf_loss = megaseg.run(micro_batches), hf.run(micro_batches)
     if abs(megaseg_loss - hf_loss) > LOSS_TOLERANCE:
         raise SystemExit(f"the two steps compute different losses on the same weights and batch: megaseg "
                          f"{megaseg_loss:.6f}, transformers {hf_loss:.6f} (tolerance {LOSS_TOLERANCE})")
     print(f"same loss: megaseg {megaseg_loss:.6f}, transformers {hf_loss:.6f}", flush=True)
+    if profile:
+        for side in (megaseg, hf):
+            print(f"torch.profiler, one {side.name} step:\n" + profile_table(lambda: side.run(micro_batches), 30),
+                  flush=True)
     seconds = timed_rounds([("megaseg", lambda: megaseg.run(micro_batches)),
                             ("hf", lambda: hf.run(micro_batches))], rounds)
     return {"first_step_loss": {"megaseg": round(megaseg_loss, 6), "hf": round(hf_loss, 6)},
@@ -228,9 +235,9 @@ def run(args: argparse.Namespace) -> dict:
         bandit_batches, _ = segmented_batches(bench_config(checkpoints, args, "bandit"), ctx, args.micro_batch)
         print(described, flush=True)
         # The schedule spans every step the measurements take (warm-ups included).
-        megaseg, head_weight = megaseg_step(segment_config, total_steps=4 * args.rounds + 4)
+        megaseg, head_weight = megaseg_step(segment_config, total_steps=4 * args.rounds + 6)
         hf = hf_step(checkpoints, segment_config, head_weight)
-        versus_hf = measure_megaseg_over_hf(megaseg, hf, segment_batches, args.rounds)
+        versus_hf = measure_megaseg_over_hf(megaseg, hf, segment_batches, args.rounds, args.profile)
         versus_bandit = measure_segment_over_bandit(megaseg, segment_batches, bandit_batches, args.rounds)
         return {"model": args.model, "num_layers": segment_config.model.num_layers, "top_layers": args.top_layers,
                 "pairs_per_step": args.pairs, "micro_batch_pairs": args.micro_batch,
@@ -330,6 +337,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="/tmp/megaseg-bench-cache")
     parser.add_argument("--packing-compare", action="store_true",
                         help="measure packed_over_padded instead (--pairs pairs, 192 tokens at most, --rounds steps)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print torch.profiler's table of one megaseg and one transformers step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.packing_compare:

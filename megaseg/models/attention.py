@@ -74,16 +74,18 @@ class SDPAttention(DotProductAttention):
             raise ValueError(f"cu_seqlens {bounds} do not cover the {query.shape[0]} packed tokens")
         dropout, rng = self._dropout_and_rng()
         gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
-        # [t, heads, d] -> [heads, t, d]: one causal call per sequence, so no score crosses a sequence boundary.
-        q, k, v = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        # [t, heads, d] -> [1, heads, t, d]: one causal call per sequence, so no score crosses a sequence boundary.
+        # The batch dimension of 1 matters: torch's fused CPU kernel (flash) takes 4-D inputs only, and 3-D ones
+        # fall back to the unfused math path (measured: a SmolLM2 packed step spent ~1 s there).
+        q, k, v = (tensor.transpose(0, 1).unsqueeze(0) for tensor in (query, key, value))
         contexts = []
         with rng:
             for start, end in zip(bounds[:-1], bounds[1:]):
                 contexts.append(F.scaled_dot_product_attention(
-                    q[:, start:end], k[:, start:end], v[:, start:end], dropout_p=dropout, is_causal=end - start > 1,
-                    scale=self.softmax_scale, enable_gqa=gqa))
-        # [heads, t, d] -> [t, heads * d]
-        return torch.cat(contexts, dim=1).transpose(0, 1).reshape(query.shape[0], self.hidden_size_per_partition)
+                    q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], dropout_p=dropout,
+                    is_causal=end - start > 1, scale=self.softmax_scale, enable_gqa=gqa))
+        # [1, heads, t, d] -> [t, heads * d]
+        return torch.cat(contexts, dim=2)[0].transpose(0, 1).reshape(query.shape[0], self.hidden_size_per_partition)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor], attn_mask_type: Optional[AttnMaskType] = None,

@@ -94,8 +94,9 @@ SMOLLM2 = dataclasses.replace(load_config(REPO / "model_configs/smollm2-135m-ins
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, model_cfg, seq, batch", [
-    ("tiny", ModelConfig(), 512, 8), ("tiny", ModelConfig(), 1024, 8),
-    ("smollm2-135m", SMOLLM2, 256, 2), ("smollm2-135m", SMOLLM2, 512, 2),
+    # The tiny model covers the growth with sequence length; SmolLM2 (GQA, tied embeddings, 49k vocabulary) one
+    # real architecture at one length (its 512-token case doubled the test's time and checked the same terms).
+    ("tiny", ModelConfig(), 512, 8), ("tiny", ModelConfig(), 1024, 8), ("smollm2-135m", SMOLLM2, 256, 2),
 ])
 def test_activation_term_within_30_percent_of_the_measured_peak(name, model_cfg, seq, batch):
     from megaseg.planning.measure import measure_activation_peak
