@@ -38,6 +38,28 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 # What megatron's attention_mask_func writes into masked scores.
 MASKED_SCORE = -10000.0
 
+# The additive bias of the last bool mask seen: GPTModel hands the same mask tensor to every layer of a forward, so
+# it is converted once per forward instead of once per layer (a decode step's share of small ops). Keyed by the mask
+# object itself (held, so it stays alive), its version counter (no in-place write since) and the dtype; only small
+# masks (a decode step's [b, 1, 1, columns]) are kept, so a long training mask is never held past its forward.
+_MAX_CACHED_MASK_ELEMENTS = 1 << 20
+_last_mask_bias: Optional[tuple[torch.Tensor, int, torch.dtype, torch.Tensor]] = None
+
+
+def additive_mask_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool mask (True = masked out) -> the additive bias: 0 where attended, MASKED_SCORE where masked."""
+    global _last_mask_bias
+    cached = _last_mask_bias
+    if (cached is not None and cached[0] is attention_mask and cached[1] == attention_mask._version
+            and cached[2] == dtype):
+        return cached[3]
+    bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    bias.masked_fill_(attention_mask, MASKED_SCORE)
+    # (inference tensors have no version counter)
+    if attention_mask.numel() <= _MAX_CACHED_MASK_ELEMENTS and not attention_mask.is_inference():
+        _last_mask_bias = (attention_mask, attention_mask._version, dtype, bias)
+    return bias
+
 
 class SDPAttention(DotProductAttention):
     """``DotProductAttention`` with its forward on torch's fused scaled-dot-product attention (module docstring)."""
@@ -104,8 +126,7 @@ class SDPAttention(DotProductAttention):
         sk = key.shape[0]
         mask, causal = None, False
         if attention_mask is not None:
-            bias = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
-            mask = bias.masked_fill_(attention_mask, MASKED_SCORE)
+            mask = additive_mask_bias(attention_mask, query.dtype)
         elif self.attn_mask_type == AttnMaskType.causal and sq > 1:
             if sq != sk:
                 raise ValueError(f"a causal mask needs as many queries as keys (got {sq} and {sk})")

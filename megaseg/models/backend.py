@@ -1,6 +1,7 @@
 """Which transformer implementation builds the layers: megatron-core's local modules or TransformerEngine's.
 
-The local spec (torch norms, megatron's own parallel linears, core attention on torch's fused SDPA: models/attention.py) is the only one that works on a
+The local spec (torch norms, megatron's own parallel linears with a plain path where no gradient or communication is
+needed: models/linear.py, core attention on torch's fused SDPA: models/attention.py) is the only one that works on a
 CPU; TransformerEngine needs CUDA and is the only way to FP8, sequence parallelism with RMSNorm and context
 parallelism. `model.transformer_impl=auto` picks TransformerEngine when it imports and a GPU is visible.
 """
@@ -19,6 +20,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megaseg.config.model import ModelConfig
 from megaseg.models.attention import SDPAttention
+from megaseg.models.linear import LocalColumnParallelLinear, LocalRowParallelLinear
 
 TransformerImpl = Literal["local", "transformer_engine"]
 
@@ -64,4 +66,8 @@ def build_layer_spec(model_cfg: ModelConfig, impl: TransformerImpl) -> ModuleSpe
     spec = get_gpt_layer_local_spec(normalization=model_cfg.normalization)
     # Its attention through torch's fused scaled-dot-product kernel instead of megatron's unfused chain.
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    # Its linears with a plain F.linear where no gradient or communication is needed (models/linear.py).
+    attention, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
+    attention.linear_qkv = mlp.linear_fc1 = LocalColumnParallelLinear
+    attention.linear_proj = mlp.linear_fc2 = LocalRowParallelLinear
     return spec

@@ -42,8 +42,9 @@ def test_rm_training_smoke(cache_dir):
     result = _run("rm_training.py", cache_dir, "--pairs", "2", "--micro-batch", "1", "--top-layers", "1",
                   "--rounds", "1")
     losses = result["versus_hf"]["first_step_loss"]
-    assert abs(losses["megaseg"] - losses["hf"]) <= 1e-4
+    assert abs(losses["megaseg_packed"] - losses["hf"]) <= 1e-4 and abs(losses["megaseg_padded"] - losses["hf"]) <= 1e-4
     assert result["segment_over_bandit"] > 0 and result["megaseg_over_hf"] > 0 and result["tokens_per_s"] > 0
+    assert result["packed_over_padded"] > 0 and result["megaseg_padded_over_hf"] > 0
 
 
 @pytest.mark.slow
