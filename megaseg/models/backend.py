@@ -21,6 +21,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megaseg.config.model import ModelConfig
 from megaseg.models.attention import SDPAttention
 from megaseg.models.linear import LocalColumnParallelLinear, LocalRowParallelLinear
+from megaseg.models.rotary import install_cached_rope
 
 TransformerImpl = Literal["local", "transformer_engine"]
 
@@ -58,7 +59,13 @@ def resolve_transformer_impl(model_cfg: ModelConfig) -> TransformerImpl:
 
 
 def build_layer_spec(model_cfg: ModelConfig, impl: TransformerImpl) -> ModuleSpec:
-    """The ModuleSpec of one transformer layer (attention + MLP with their norms) for `impl`."""
+    """The ModuleSpec of one transformer layer (attention + MLP with their norms) for `impl`.
+
+    Every model megaseg builds (GPTModel and the scalar-head reward model / critic) gets its layers here, so this is
+    where megatron's unfused RoPE is routed through the cached one (models/rotary.py): installed anywhere else, a
+    reward model's numbers would depend on whether a GPTModel had been built earlier in the process.
+    """
+    install_cached_rope()  # process-wide and idempotent; used where RoPE is not fused (no TransformerEngine fusion)
     if impl == "transformer_engine":
         # TE fuses the pre-attention / pre-MLP norms into its LayerNormLinear modules; FP8 is set on the config.
         return get_gpt_layer_with_transformer_engine_spec()

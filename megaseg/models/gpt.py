@@ -19,7 +19,7 @@ from megatron.core.models.gpt import GPTModel
 from megaseg.config.model import ModelConfig
 from megaseg.config.parallel import ParallelConfig
 from megaseg.models.backend import build_layer_spec, resolve_transformer_impl
-from megaseg.models.rotary import install_cached_rope, rotary_args
+from megaseg.models.rotary import rotary_args
 from megaseg.models.transformer_config import build_transformer_config
 from megaseg.parallel.cpu_compat import cuda_device_redirect
 
@@ -65,7 +65,6 @@ def build_gpt_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, pre
     check_parallel_state_matches(parallel_cfg)
     pre_process, post_process = pipeline_stage_flags(pre_process, post_process)
     rope = rotary_args(model_cfg)
-    install_cached_rope()  # megatron's unfused RoPE without its per-layer cos/sin recomputation (models/rotary.py)
     # With tied embeddings and pipeline parallelism, GPTModel moves the last stage's copy to "cuda" to all-reduce it.
     with cuda_device_redirect():
         return GPTModel(

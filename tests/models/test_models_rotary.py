@@ -92,3 +92,37 @@ def test_packed_thd_equals_per_sequence_megatron(megatron_bshd):
     expected = torch.cat([megatron_bshd(part.unsqueeze(1), freqs[:len(part)], False, False, 1.0).squeeze(1)
                           for part in torch.split(t, lengths)])
     torch.testing.assert_close(packed, expected)
+
+
+def _reward_values_before_and_after_a_gpt_model(rank, world_size):
+    from megaseg.config import load_config
+    from megaseg.models.gpt import build_gpt_model
+    from megaseg.models.scalar_head import build_reward_model
+    from megaseg.parallel import initialize_parallel
+
+    config = load_config(None, ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4",
+                                "model.ffn_hidden_size=64", "model.vocab_size=128", "model.params_dtype=float32"])
+    initialize_parallel(config.parallel, seed=3)
+    tokens = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(5))
+    positions = torch.arange(24).expand(2, 24)
+    first = build_reward_model(config.model, config.parallel, seed=3).eval()
+    installed_by_reward_model = rope_utils._apply_rotary_pos_emb_bshd is rotary.cached_rotary_pos_emb_bshd
+    with torch.no_grad():
+        before = first(tokens, positions)
+    build_gpt_model(config.model, config.parallel)
+    second = build_reward_model(config.model, config.parallel, seed=3).eval()
+    second.load_state_dict(first.state_dict())
+    with torch.no_grad():
+        after = second(tokens, positions)
+    return installed_by_reward_model, before, after
+
+
+def test_reward_model_numbers_do_not_depend_on_a_gpt_model_built_before():
+    """The cached RoPE is installed by every model's layer spec: a reward model built first in a fresh process
+    computes what it computes after a GPTModel exists (a resumed train-rm that reuses its entropy cache builds no
+    GPTModel, and its losses must equal the uninterrupted run's exactly)."""
+    from megaseg.parallel.spawn import run_distributed
+
+    (installed, before, after), = run_distributed(_reward_values_before_and_after_a_gpt_model, 1)
+    assert installed
+    assert torch.equal(before, after)

@@ -148,6 +148,10 @@ def test_reward_model_sbatch_preempted_requeued_equals_torchrun(slurm_cluster, m
     checkpoint = (out_dir / "checkpoints" / "latest").read_text().strip()
     assert checkpoint == f"step_{preempted_at:06d}"
     slurm_cluster.wait_until_idle()
+    # slurmd refuses a job whose credential is not newer (whole seconds) than the revocation of its killed instance
+    # ("Killing non-startable batch JobId=1: Job credential revoked" in slurmctld.log, the job FAILED with exit
+    # code 1 and no output): the 2-minute hold normally keeps that apart; waived, the restart waits past it.
+    time.sleep(2.0)
     slurm_cluster.command("scontrol", "update", f"JobId={job_id}", "StartTime=now")
     info = slurm_cluster.wait(job_id, JOB_TIMEOUT)
     elapsed = time.monotonic() - started
