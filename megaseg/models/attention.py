@@ -26,11 +26,13 @@ with DotProductAttention (``SDPAttention.supports(config)`` says which a config 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -139,3 +141,65 @@ class SDPAttention(DotProductAttention):
                 enable_gqa=self.num_attention_heads_per_partition != self.num_query_groups_per_partition)
         # [b, heads, sq, d] -> [sq, b, heads * d]
         return context.permute(2, 0, 1, 3).reshape(sq, batch, self.hidden_size_per_partition)
+
+
+# --- decoding: every key rotated once, as it enters the static KV cache ----------------------------------------
+#
+# megatron-core's static-batching KV cache stores keys before RoPE and rotates the whole cache, columns
+# [0, offset + n), in every decode step of every layer (Attention.forward applies k_pos_emb[:sequence_end] to the
+# keys _adjust_key_value_for_inference returns): O(length) rotation work and three cache-sized temporaries per layer
+# and step, where transformers rotates the new key alone and caches it rotated. ``RotatedKeyCacheSelfAttention``
+# does the latter: it rotates the fed columns' queries and keys (positions [offset, offset + n)) before megatron
+# writes them into the cache, and hands megatron no RoPE, so nothing is rotated twice. RoPE is elementwise per
+# position, so the keys attended to are the same values (up to float rounding order). Only static batching without
+# flash decoding takes this path (megatron's flash decode already rotates the new columns alone); training, scoring
+# and every forward without an inference context are megatron's unchanged. Not used with packed sequences: no
+# generation packs its rows.
+
+def _rotation_arguments_match() -> bool:
+    """True when this megatron-core's signatures are the ones the override below relies on."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    from megatron.core.transformer.attention import Attention
+
+    adjust = list(inspect.signature(Attention._adjust_key_value_for_inference).parameters)[:6]
+    rotate = list(inspect.signature(apply_rotary_pos_emb).parameters)
+    return (adjust == ["self", "inference_context", "query", "key", "value", "rotary_pos_emb"]
+            and rotate[:3] == ["t", "freqs", "config"] and "mscale" in rotate)
+
+
+class RotatedKeyCacheSelfAttention(SelfAttention):
+    """megatron's ``SelfAttention`` whose static KV cache holds rotated keys (see above)."""
+
+    _signatures_match: Optional[bool] = None
+
+    def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb, *args,
+                                        **kwargs):
+        cls = RotatedKeyCacheSelfAttention
+        if cls._signatures_match is None:
+            cls._signatures_match = _rotation_arguments_match()
+        if (not cls._signatures_match or rotary_pos_emb is None or inference_context is None
+                or not inference_context.is_static_batching() or self.config.flash_decode):
+            return super()._adjust_key_value_for_inference(inference_context, query, key, value, rotary_pos_emb,
+                                                           *args, **kwargs)
+        from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+        q_pos_emb, k_pos_emb = rotary_pos_emb
+        start = inference_context.sequence_len_offset
+        end = start + key.size(0)
+        mscale = _rope_mscale(self.config)
+        if q_pos_emb is not None:
+            query = apply_rotary_pos_emb(query, q_pos_emb[start:end], config=self.config, mscale=mscale)
+        if k_pos_emb is not None:
+            key = apply_rotary_pos_emb(key, k_pos_emb[start:end], config=self.config, mscale=mscale)
+        # With no RoPE passed, megatron stores these keys and returns none, so Attention.forward rotates nothing.
+        return super()._adjust_key_value_for_inference(inference_context, query, key, value, None, *args, **kwargs)
+
+
+def _rope_mscale(config: TransformerConfig) -> float:
+    """The scale megatron's Attention.forward passes to apply_rotary_pos_emb (YaRN's concentration factor)."""
+    try:
+        from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+            _yarn_get_concentration_factor_from_config)
+    except ImportError:  # pragma: no cover - releases before YaRN pass no mscale
+        return 1.0
+    return _yarn_get_concentration_factor_from_config(config)

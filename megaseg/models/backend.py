@@ -19,7 +19,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megaseg.config.model import ModelConfig
-from megaseg.models.attention import SDPAttention
+from megaseg.models.attention import RotatedKeyCacheSelfAttention, SDPAttention
 from megaseg.models.linear import LocalColumnParallelLinear, LocalRowParallelLinear
 from megaseg.models.rotary import install_cached_rope
 
@@ -71,7 +71,9 @@ def build_layer_spec(model_cfg: ModelConfig, impl: TransformerImpl) -> ModuleSpe
         return get_gpt_layer_with_transformer_engine_spec()
     # Told RMSNorm, the local spec uses torch's RMSNorm even where apex is installed (its FusedLayerNorm has none).
     spec = get_gpt_layer_local_spec(normalization=model_cfg.normalization)
-    # Its attention through torch's fused scaled-dot-product kernel instead of megatron's unfused chain.
+    # Its attention through torch's fused scaled-dot-product kernel instead of megatron's unfused chain, and decode
+    # steps that rotate the new keys only (models/attention.py).
+    spec.submodules.self_attention.module = RotatedKeyCacheSelfAttention
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     # Its linears with a plain F.linear where no gradient or communication is needed (models/linear.py).
     attention, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules

@@ -92,6 +92,26 @@ def _refusals(model, ctx, prompts) -> dict:
     return messages
 
 
+def _rows_rotated_per_call(call) -> list[int]:
+    """The sequence length of every RoPE application during ``call()``, wherever megatron or megaseg applies it."""
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.transformer import attention
+
+    rows: list[int] = []
+    original = rope_utils.apply_rotary_pos_emb
+
+    def recording(t, *args, **kwargs):
+        rows.append(t.shape[0])
+        return original(t, *args, **kwargs)
+
+    rope_utils.apply_rotary_pos_emb = attention.apply_rotary_pos_emb = recording
+    try:
+        call()
+    finally:
+        rope_utils.apply_rotary_pos_emb = attention.apply_rotary_pos_emb = original
+    return rows
+
+
 def single_process(rank: int, world_size: int) -> dict:
     """TP=1, PP=1: the KV-cache sampler against the per-row full-forward reference, and its other properties."""
     from gen_reference import greedy_reference
@@ -105,6 +125,7 @@ def single_process(rank: int, world_size: int) -> dict:
     result: dict = {"prompts": [list(p.prompt_ids) for p in prompts]}
     result["reference"] = [greedy_reference(model, p.prompt_ids, MAX_NEW_TOKENS, DEFAULT_STOP) for p in prompts]
     result["kv_greedy"] = _output_fields(_run(model, ctx, prompts, _greedy()))
+    result["rotated_rows"] = _rows_rotated_per_call(lambda: _run(model, ctx, prompts, _greedy()))
     result["full_forward_greedy"] = _output_fields(_run(model, ctx, prompts, _greedy(), backend="full_forward"))
     result["alone"] = [_run(model, ctx, [p], _greedy()).response_token_ids()[0] for p in prompts]
     stop = _pick_stop_tokens(result["reference"])

@@ -19,6 +19,17 @@ def test_kv_cache_greedy_equals_full_forward_reference(run):
     assert len({token for response in run["reference"] for token in response}) > MAX_NEW_TOKENS
 
 
+def test_decode_steps_rotate_the_new_key_only(run):
+    """The KV cache holds rotated keys (models/attention.py: RotatedKeyCacheSelfAttention): the prefill rotates its
+    columns' queries and keys, each decode step one column's, never the whole cache (megatron's static cache
+    rotates every cached key again in every step)."""
+    rows = run["rotated_rows"]
+    layers, width = 2, max(PROMPT_LENGTHS)
+    assert rows[:2 * layers] == [width] * (2 * layers)  # the prefill: queries and keys of every layer
+    assert rows[2 * layers:] and set(rows[2 * layers:]) == {1}
+    assert len(rows) == 2 * layers * MAX_NEW_TOKENS
+
+
 def test_full_forward_backend_equals_reference(run):
     assert run["full_forward_greedy"]["responses"] == run["reference"]
 
