@@ -22,6 +22,9 @@ block-diagonal causal mask over the whole pack (the mask costs t^2 and loses the
 many short sequences (32 of 50-100 tokens) was the mask slightly faster (1335 against 1572 ms).
 What it refuses (an error at construction): query-key layer scaling, softmax offsets, sliding windows; those stay
 with DotProductAttention (``SDPAttention.supports(config)`` says which a config gets).
+
+Also here: ``RotatedKeyCacheSelfAttention``, the local spec's self-attention, whose static KV cache holds keys
+already rotated, so a decode step rotates its new column only (see the section at the end).
 """
 from __future__ import annotations
 

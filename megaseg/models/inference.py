@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from megaseg.data.batch import SequenceBatch, collate_sequences
 from megaseg.data.encoding import TokenizedSequence
-from megaseg.models.packing import PackedRows, common_packed_length, pack_rows, row_lengths
+from megaseg.models.packing import PackedRows, pack_rows, packed_lengths, row_lengths
 from megaseg.models.pipeline import forward_only
 from megaseg.parallel.initialize import ParallelContext
 from megaseg.parallel.vocab_parallel import vocab_parallel_log_probs, vocab_parallel_log_probs_and_entropy
@@ -97,11 +97,10 @@ class InferenceMicroBatch:
 
 
 def _packed(micro_batches: Sequence[InferenceMicroBatch]) -> list[InferenceMicroBatch]:
-    """The micro-batches with their rows packed, all to one length (one schedule call)."""
+    """The micro-batches with their rows packed (one schedule call: models/packing.packed_lengths)."""
     lengths = [row_lengths(batch.sequences.attention_mask) for batch in micro_batches]
-    packed_length = common_packed_length(lengths)
     return [replace(batch, packing=pack_rows(batch.input_ids, batch_lengths, packed_length, PAD_ID))
-            for batch, batch_lengths in zip(micro_batches, lengths)]
+            for batch, batch_lengths, packed_length in zip(micro_batches, lengths, packed_lengths(lengths))]
 
 
 # (model output on the last stage, the micro-batch) -> one tensor per output, each with leading dim b.

@@ -12,9 +12,12 @@ Trainers keep their row layout: a micro-batch carries its ``[b, S]`` right-padde
 functions ``PackedRows.unpack(output)`` in the ``[b, S, ...]`` layout, so losses, entropies and segment code have one
 path. Padding columns of the unpacked rows repeat the row's last real token's output (finite; nothing reads them).
 
-Pipeline parallelism sends fixed-size activations ``[T, 1, hidden]`` between stages, so all micro-batches of one
-schedule call are packed to one length ``T`` (``common_packed_length``): a tail of padding tokens forms one extra
-sequence of its own in ``cu_seqlens`` (it attends only to itself; its outputs are never unpacked).
+Each micro-batch is packed to its own total, rounded up to ``PACKED_LENGTH_MULTIPLE`` (``packed_lengths``), except
+under pipeline parallelism, which sends fixed-size activations ``[T, 1, hidden]`` between stages: then all
+micro-batches of one schedule call are packed to one length ``T``, the largest. A tail of padding tokens forms one
+extra sequence of its own in ``cu_seqlens`` (it attends only to itself; its outputs are never unpacked). Measured on
+the rm_training benchmark's 8 HH-RLHF pairs (2 micro-batches): one common length ran 2528 tokens for 2268 real ones,
+each its own length 2288.
 """
 from __future__ import annotations
 
@@ -61,11 +64,20 @@ def row_lengths(attention_mask: torch.Tensor) -> list[int]:
     return lengths.tolist()
 
 
-def common_packed_length(lengths_per_batch: Sequence[Sequence[int]],
-                         multiple: int = PACKED_LENGTH_MULTIPLE) -> int:
-    """One packed length for micro-batches sent through one pipeline-schedule call: the largest total, rounded up."""
-    longest = max(sum(lengths) for lengths in lengths_per_batch)
-    return -(-longest // multiple) * multiple
+def packed_lengths(lengths_per_batch: Sequence[Sequence[int]], multiple: int = PACKED_LENGTH_MULTIPLE) -> list[int]:
+    """The packed length of each micro-batch of one schedule call (its rows' real lengths given): its own total
+    rounded up to ``multiple``, or under pipeline parallelism the largest of them for all (module docstring)."""
+    totals = [-(-sum(lengths) // multiple) * multiple for lengths in lengths_per_batch]
+    if _pipeline_parallel():
+        return [max(totals)] * len(totals)
+    return totals
+
+
+def _pipeline_parallel() -> bool:
+    from megatron.core import parallel_state
+
+    return (parallel_state.model_parallel_is_initialized()
+            and parallel_state.get_pipeline_model_parallel_world_size() > 1)
 
 
 def pack_rows(input_ids: torch.Tensor, lengths: Sequence[int], packed_length: int, pad_id: int = 0) -> PackedRows:

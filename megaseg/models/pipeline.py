@@ -12,8 +12,9 @@ micro-batch for the gradient to be that of the mean over the global batch.
 
 Packed micro-batches (a ``packing: PackedRows`` field, megaseg.models.packing): the model runs on the packed row
 ``[1, T]`` with its ``PackedSeqParams``, and ``loss_fn`` / ``output_fn`` get the output unpacked to the micro-batch's
-``[b, S, ...]`` rows, exactly what they get unpacked. Packed micro-batches of one call share ``T`` (their row counts
-and row lengths may differ).
+``[b, S, ...]`` rows, exactly what they get unpacked. Under pipeline parallelism the micro-batches of one call share
+one shape (packed ones one ``T``; their row counts and row lengths may differ), which the stages' fixed-size sends
+need; without it each may have its own (megaseg.models.packing.packed_lengths).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol, Sequence, TypeVar
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megaseg.models.packing import PackedRows
@@ -75,12 +77,15 @@ def _micro_batch_shape(micro_batches: Sequence[ModelInputs]) -> tuple[int, int]:
     if len(packed) != 1:
         raise ValueError("micro-batches of one schedule call must be all packed or all unpacked")
     shapes = {tuple((packing_of(batch) or batch).input_ids.shape) for batch in micro_batches}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+    if any(len(shape) != 2 for shape in shapes):
+        raise ValueError(f"micro-batch input_ids shapes {sorted(shapes)} are not all [batch, seq]")
+    if len(shapes) != 1 and parallel_state.get_pipeline_model_parallel_world_size() > 1:
         raise ValueError(
-            f"micro-batch input_ids shapes {sorted(shapes)} differ or are not [batch, seq]; the pipeline schedule "
-            "sends fixed-size activations between stages, so pad every micro-batch to the same [batch, seq] "
-            "(packed ones to one packed length: megaseg.models.packing.common_packed_length)")
-    batch_size, seq_length = next(iter(shapes))
+            f"micro-batch input_ids shapes {sorted(shapes)} differ; the pipeline schedule sends fixed-size "
+            "activations between stages, so pad every micro-batch to the same [batch, seq] (packed ones to one "
+            "packed length: megaseg.models.packing.packed_lengths)")
+    # Without pipeline stages the schedule does not use these (megatron: "unused").
+    batch_size, seq_length = max(shapes, key=lambda shape: shape[1])
     return batch_size, seq_length
 
 

@@ -59,11 +59,11 @@ def _segmented_pairs():
 
 
 def test_pack_rows_restarts_positions_and_bounds_every_sequence():
-    from megaseg.models.packing import common_packed_length, pack_rows
+    from megaseg.models.packing import pack_rows, packed_lengths
 
     input_ids = torch.tensor([[1, 2, 3, 0, 0], [4, 5, 0, 0, 0], [6, 7, 8, 9, 10]])
     lengths = [3, 2, 5]
-    assert common_packed_length([lengths, [1, 1]], multiple=4) == 12
+    assert packed_lengths([lengths, [1, 1]], multiple=4) == [12, 4]  # no pipeline stages: each its own
     packed = pack_rows(input_ids, lengths, packed_length=12, pad_id=0)
     assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 0]]
     assert packed.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3, 4, 0, 1]]
@@ -93,7 +93,9 @@ def test_reward_collation_keeps_pairing_and_segment_ends_when_packed():
     pairs = _segmented_pairs()
     padded = collate_step(pairs, 2, pad_id=0)
     packed = collate_step(pairs, 2, pad_id=0, packing=True)
-    assert len({batch.packing.packed_length for batch in packed}) == 1
+    # No pipeline stages here: each micro-batch packed to its own total, rounded up to 16.
+    assert [batch.packing.packed_length for batch in packed] == [-(-sum(batch.packing.lengths) // 16) * 16
+                                                                 for batch in packed]
     for batch, reference, group in zip(packed, padded, (pairs[:2], pairs[2:])):
         rows = [item.pair.chosen for item in group] + [item.pair.rejected for item in group]
         ends = [item.chosen_ends for item in group] + [item.rejected_ends for item in group]

@@ -23,7 +23,7 @@ from megaseg.algorithms.dpo import dpo_loss
 from megaseg.data.batch import collate_pairs
 from megaseg.data.encoding import TokenizedPair
 from megaseg.models.inference import next_token_log_probs, run_frozen, tensor_parallel_group
-from megaseg.models.packing import PackedRows, common_packed_length, pack_rows
+from megaseg.models.packing import PackedRows, pack_rows, packed_lengths
 from megaseg.parallel.initialize import ParallelContext
 
 STAT_NAMES = ("loss_sum", "num_pairs", "num_correct", "chosen_reward_sum", "rejected_reward_sum", "num_tokens")
@@ -64,10 +64,9 @@ def collate_step(pairs: Sequence[TokenizedPair], micro_batch_size: int, pad_toke
                     [pair.chosen for pair in pairs[start:start + micro_batch_size]]
                     + [pair.rejected for pair in pairs[start:start + micro_batch_size]]]
                    for start in range(0, len(pairs), micro_batch_size)]
-        packed_length = common_packed_length(lengths)
         batches = [dataclasses.replace(batch, packing=pack_rows(batch.input_ids, batch_lengths, packed_length,
                                                                 pad_token_id))
-                   for batch, batch_lengths in zip(batches, lengths)]
+                   for batch, batch_lengths, packed_length in zip(batches, lengths, packed_lengths(lengths))]
     return batches
 
 

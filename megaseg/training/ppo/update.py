@@ -22,7 +22,7 @@ import torch
 
 from megaseg.algorithms.ppo import policy_loss, value_loss
 from megaseg.models.inference import next_token_log_probs, shift_right, tensor_parallel_group
-from megaseg.models.packing import PackedRows, common_packed_length, pack_rows, row_lengths
+from megaseg.models.packing import PackedRows, pack_rows, packed_lengths, row_lengths
 from megaseg.models.pipeline import forward_backward
 from megaseg.parallel.collectives import sum_over_data_parallel, sum_over_replicas
 from megaseg.parallel.initialize import ParallelContext
@@ -110,9 +110,9 @@ def train_batches(experience: Experience, *, rows_per_step: int, micro_batch_siz
         if packing:
             per_batch = [lengths[rows[m:m + micro_batch_size]].tolist() for m in range(0, rows_per_step,
                                                                                      micro_batch_size)]
-            packed_length = common_packed_length(per_batch)
             micro_batches = [replace(batch, packing=pack_rows(batch.input_ids, batch_lengths, packed_length))
-                             for batch, batch_lengths in zip(micro_batches, per_batch)]
+                             for batch, batch_lengths, packed_length in zip(micro_batches, per_batch,
+                                                                            packed_lengths(per_batch))]
         batches.append(TrainBatch(
             micro_batches=micro_batches,
             num_tokens=num_tokens, num_sequences=float(rows_per_step * dp_size), dp_size=dp_size))

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from megaseg.data.batch import collate_pairs
-from megaseg.models.packing import PackedRows, common_packed_length, pack_rows
+from megaseg.models.packing import PackedRows, pack_rows, packed_lengths
 from megaseg.training.reward_model.data import SegmentedPair
 
 
@@ -66,7 +66,7 @@ def collate_step(pairs: Sequence[SegmentedPair], micro_batch_size: int, pad_id: 
                  pad_to_multiple_of: int = 8, packing: bool = False) -> list[RewardMicroBatch]:
     """This rank's pairs of one step -> micro-batches of `micro_batch_size` pairs, all padded to one length
     (the step's longest sequence, rounded up to `pad_to_multiple_of` so fewer distinct shapes reach the kernels);
-    packed: each padded to its own longest, and packed to one length (module docstring)."""
+    packed: each padded to its own longest and packed (models/packing.packed_lengths)."""
     assert len(pairs) % micro_batch_size == 0, "the batch plan guarantees whole micro-batches"
     groups = [pairs[start:start + micro_batch_size] for start in range(0, len(pairs), micro_batch_size)]
     round_up = lambda length: -(-length // pad_to_multiple_of) * pad_to_multiple_of  # noqa: E731
@@ -74,9 +74,8 @@ def collate_step(pairs: Sequence[SegmentedPair], micro_batch_size: int, pad_id: 
         seq_length = round_up(longest_sequence(pairs))
         return [collate_reward_micro_batch(group, pad_id, seq_length) for group in groups]
     lengths = [_row_lengths(group) for group in groups]
-    packed_length = common_packed_length(lengths)
     batches = []
-    for group, group_lengths in zip(groups, lengths):
+    for group, group_lengths, packed_length in zip(groups, lengths, packed_lengths(lengths)):
         batch = collate_reward_micro_batch(group, pad_id, round_up(longest_sequence(group)))
         batches.append(replace(batch, packing=pack_rows(batch.input_ids, group_lengths, packed_length, pad_id)))
     return batches
