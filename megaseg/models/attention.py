@@ -29,6 +29,7 @@ already rotated, so a decode step rotates its new column only (see the section a
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from typing import Optional
 
@@ -159,6 +160,7 @@ class SDPAttention(DotProductAttention):
 # and every forward without an inference context are megatron's unchanged. Not used with packed sequences: no
 # generation packs its rows.
 
+@functools.cache
 def _rotation_arguments_match() -> bool:
     """True when this megatron-core's signatures are the ones the override below relies on."""
     from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
@@ -173,14 +175,9 @@ def _rotation_arguments_match() -> bool:
 class RotatedKeyCacheSelfAttention(SelfAttention):
     """megatron's ``SelfAttention`` whose static KV cache holds rotated keys (see above)."""
 
-    _signatures_match: Optional[bool] = None
-
     def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb, *args,
                                         **kwargs):
-        cls = RotatedKeyCacheSelfAttention
-        if cls._signatures_match is None:
-            cls._signatures_match = _rotation_arguments_match()
-        if (not cls._signatures_match or rotary_pos_emb is None or inference_context is None
+        if (not _rotation_arguments_match() or rotary_pos_emb is None or inference_context is None
                 or not inference_context.is_static_batching() or self.config.flash_decode):
             return super()._adjust_key_value_for_inference(inference_context, query, key, value, rotary_pos_emb,
                                                            *args, **kwargs)

@@ -68,12 +68,13 @@ def packed_lengths(lengths_per_batch: Sequence[Sequence[int]], multiple: int = P
     """The packed length of each micro-batch of one schedule call (its rows' real lengths given): its own total
     rounded up to ``multiple``, or under pipeline parallelism the largest of them for all (module docstring)."""
     totals = [-(-sum(lengths) // multiple) * multiple for lengths in lengths_per_batch]
-    if _pipeline_parallel():
+    if pipeline_parallel():
         return [max(totals)] * len(totals)
     return totals
 
 
-def _pipeline_parallel() -> bool:
+def pipeline_parallel() -> bool:
+    """True when this process runs one of several pipeline stages (their sends need one micro-batch shape)."""
     from megatron.core import parallel_state
 
     return (parallel_state.model_parallel_is_initialized()

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol, Sequence, TypeVar
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megaseg.models.packing import PackedRows
+from megaseg.models.packing import PackedRows, pipeline_parallel
 from megaseg.parallel.cpu_compat import cuda_device_redirect
 
 
@@ -79,7 +78,7 @@ def _micro_batch_shape(micro_batches: Sequence[ModelInputs]) -> tuple[int, int]:
     shapes = {tuple((packing_of(batch) or batch).input_ids.shape) for batch in micro_batches}
     if any(len(shape) != 2 for shape in shapes):
         raise ValueError(f"micro-batch input_ids shapes {sorted(shapes)} are not all [batch, seq]")
-    if len(shapes) != 1 and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+    if len(shapes) != 1 and pipeline_parallel():
         raise ValueError(
             f"micro-batch input_ids shapes {sorted(shapes)} differ; the pipeline schedule sends fixed-size "
             "activations between stages, so pad every micro-batch to the same [batch, seq] (packed ones to one "
