@@ -19,6 +19,7 @@ from megatron.core.models.gpt import GPTModel
 from megaseg.config.model import ModelConfig
 from megaseg.config.parallel import ParallelConfig
 from megaseg.models.backend import build_layer_spec, resolve_transformer_impl
+from megaseg.models.linear import use_local_output_layer
 from megaseg.models.rotary import rotary_args
 from megaseg.models.transformer_config import build_transformer_config
 from megaseg.parallel.cpu_compat import cuda_device_redirect
@@ -65,11 +66,12 @@ def build_gpt_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, pre
     check_parallel_state_matches(parallel_cfg)
     pre_process, post_process = pipeline_stage_flags(pre_process, post_process)
     rope = rotary_args(model_cfg)
+    impl = resolve_transformer_impl(model_cfg)
     # With tied embeddings and pipeline parallelism, GPTModel moves the last stage's copy to "cuda" to all-reduce it.
     with cuda_device_redirect():
-        return GPTModel(
+        model = GPTModel(
             config=config,
-            transformer_layer_spec=build_layer_spec(model_cfg, resolve_transformer_impl(model_cfg)),
+            transformer_layer_spec=build_layer_spec(model_cfg, impl),
             vocab_size=model_cfg.vocab_size,
             max_sequence_length=model_cfg.max_position_embeddings,
             pre_process=pre_process,
@@ -82,3 +84,7 @@ def build_gpt_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, pre
             rope_scaling_factor=rope.rope_scaling_factor,
             seq_len_interpolation_factor=rope.seq_len_interpolation_factor,
         )
+    if impl == "local":
+        # The vocabulary projection through the local spec's linear too (plain and blocked on CPU; models/linear.py).
+        use_local_output_layer(model)
+    return model
