@@ -104,8 +104,9 @@ def _wide_layers(rank, world_size):
     errors = []
     for bias in (False, True):
         for skip_bias_add in (False, True):
-            local = linear.LocalColumnParallelLinear(32, rows, config=transformer_config, init_method=torch.nn.init.normal_,
-                                                     bias=bias, gather_output=False, skip_bias_add=skip_bias_add)
+            local = linear.LocalColumnParallelLinear(32, rows, config=transformer_config,
+                                                     init_method=torch.nn.init.normal_, bias=bias,
+                                                     gather_output=False, skip_bias_add=skip_bias_add)
             if bias:
                 with torch.no_grad():
                     local.bias.copy_(torch.arange(rows, dtype=torch.float32) / 1000)
