@@ -46,12 +46,22 @@ _CPU_BLOCKED_MIN_ROWS = 8192
 
 
 def _linear(input_: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear`` (no autograd: only the plain path calls it); on CPU a wide one block by block (module
+    docstring), each block's product written straight into its columns of the one output (a strided BLAS result:
+    no per-block copies, and no more memory than the output itself, which matters for a long row's logits)."""
     rows = weight.shape[0]
     if input_.device.type != "cpu" or rows < _CPU_BLOCKED_MIN_ROWS:
         return F.linear(input_, weight, bias)
-    return torch.cat([F.linear(input_, weight[start:start + _CPU_OUTPUT_BLOCK],
-                               None if bias is None else bias[start:start + _CPU_OUTPUT_BLOCK])
-                      for start in range(0, rows, _CPU_OUTPUT_BLOCK)], dim=-1)
+    flat = input_.reshape(-1, input_.shape[-1])
+    output = flat.new_empty(flat.shape[0], rows)
+    for start in range(0, rows, _CPU_OUTPUT_BLOCK):
+        block = slice(start, start + _CPU_OUTPUT_BLOCK)
+        # mm / addmm: what F.linear runs on a flattened input without / with a bias.
+        if bias is None:
+            torch.mm(flat, weight[block].t(), out=output[:, block])
+        else:
+            torch.addmm(bias[block], flat, weight[block].t(), out=output[:, block])
+    return output.view(*input_.shape[:-1], rows)
 
 
 def _plain_forward(layer: torch.nn.Module, input_: torch.Tensor, weight: Optional[torch.Tensor] = None
