@@ -20,6 +20,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megaseg.config.model import ModelConfig
 from megaseg.models.attention import RotatedKeyCacheSelfAttention, SDPAttention
+from megaseg.models.decode_layer import InlinedDecodeTransformerLayer
 from megaseg.models.linear import LocalColumnParallelLinear, LocalRowParallelLinear
 from megaseg.models.rotary import install_cached_rope
 
@@ -74,6 +75,8 @@ def build_layer_spec(model_cfg: ModelConfig, impl: TransformerImpl) -> ModuleSpe
     # Its attention through torch's fused scaled-dot-product kernel instead of megatron's unfused chain, and decode
     # steps that rotate the new keys only (models/attention.py).
     spec.submodules.self_attention.module = RotatedKeyCacheSelfAttention
+    # Its KV-cache decode steps inlined, megatron's layer for everything else (models/decode_layer.py).
+    spec.module = InlinedDecodeTransformerLayer
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     # Its linears with a plain F.linear where no gradient or communication is needed (models/linear.py).
     attention, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
