@@ -3,10 +3,10 @@
 A decode step feeds one column per row, so each of its matrix products is small and what surrounds them counts:
 megatron's layer runs every step through TransformerLayer's bias-dropout-add and offload contexts, Attention.forward
 (its branches for flash decode, fused RoPE, CUDA graphs, dynamic batching, output gates) and MLP.forward, about 15
-module calls per layer. Measured on SmolLM2-135M decoding 8 rows at 147 cached columns on 1 CPU thread, in one
-process with interleaved rounds: 104-106 ms per step through megatron's layers against 99-101 ms with the step
-written out (a 1.05x median ratio); removing TransformerLayer's own glue alone measured no gain (0.996), so the
-saving is in Attention / MLP / linear-module overheads.
+module calls per layer. Measured on SmolLM2-135M decoding 8 rows at 147 cached columns on 1 CPU thread, one
+process, 16 interleaved rounds of 10 steps: megatron's layers took 1.041x the time of this one per step (median of
+the rounds' ratios; medians 124.8 and 114.3 ms on a noisy machine). Replacing TransformerLayer's own glue alone
+measured no gain (0.996): the saving is in the Attention / MLP / linear-module overheads.
 
 ``InlinedDecodeTransformerLayer.forward`` runs a decode step as the same operations in the same order, on the same
 modules and tensors: the input norm module, the qkv product (``models.linear``'s plain path) and megatron's
@@ -123,8 +123,10 @@ class InlinedDecodeTransformerLayer(TransformerLayer):
         query = query.reshape(query.size(0), query.size(1), -1, head_dim)
         if rotary_pos_emb is not None and not isinstance(rotary_pos_emb, tuple):
             rotary_pos_emb = (rotary_pos_emb,) * 2
-        query, key, value, _, attn_mask_type, _ = attention._adjust_key_value_for_inference(
+        # (query, key, value, rotary_pos_emb, attn_mask_type, block_table): keys/values of every cached column
+        adjusted = attention._adjust_key_value_for_inference(
             inference_context, query, key, value, rotary_pos_emb, None, None, None, sequence_len_offset)
+        (query, key, value), attn_mask_type = adjusted[:3], adjusted[4]
         context_layer = attention.core_attention(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                                                  attention_bias=None, packed_seq_params=None)
         output, _ = _plain_forward(attention.linear_proj, context_layer)  # no bias: add_bias_linear is off
