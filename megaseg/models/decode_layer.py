@@ -3,10 +3,11 @@
 A decode step feeds one column per row, so each of its matrix products is small and what surrounds them counts:
 megatron's layer runs every step through TransformerLayer's bias-dropout-add and offload contexts, Attention.forward
 (its branches for flash decode, fused RoPE, CUDA graphs, dynamic batching, output gates) and MLP.forward, about 15
-module calls per layer. Measured on SmolLM2-135M decoding 8 rows at 147 cached columns on 1 CPU thread, one
-process, 16 interleaved rounds of 10 steps: megatron's layers took 1.041x the time of this one per step (median of
-the rounds' ratios; medians 124.8 and 114.3 ms on a noisy machine). Replacing TransformerLayer's own glue alone
-measured no gain (0.996): the saving is in the Attention / MLP / linear-module overheads.
+module calls per layer. Measured by benchmarks/decode_step.py (SmolLM2-135M, 8 rows, 147 cached columns, 1 CPU
+thread, 16 interleaved rounds of 10 steps, three runs): megatron's layers took 1.020 / 1.013 / 1.047x the time of
+this one per step (107.8-123.8 ms per step here), and transformers' forward 1.038 / 1.021 / 1.026x. Replacing
+TransformerLayer's own glue alone measured no gain (0.996, an earlier experiment): the saving is in the Attention /
+MLP / linear-module overheads.
 
 ``InlinedDecodeTransformerLayer.forward`` runs a decode step as the same operations in the same order, on the same
 modules and tensors: the input norm module, the qkv product (``models.linear``'s plain path) and megatron's

@@ -38,6 +38,16 @@ def test_generation_smoke(cache_dir):
 
 
 @pytest.mark.slow
+def test_decode_step_smoke(cache_dir):
+    result = _run("decode_step.py", cache_dir, "--batch-size", "3", "--extra-columns", "4", "--steps", "2",
+                  "--rounds", "1")
+    assert result["same_logits_megatron_layer"] and result["same_argmax_hf"]
+    assert result["max_abs_logit_difference_hf"] < 1e-3
+    assert result["inlined_layers"] == 2  # every layer of the tiny model takes the inlined step
+    assert result["megatron_layer_over_inlined"] > 0 and result["hf_over_megaseg"] > 0
+
+
+@pytest.mark.slow
 def test_rm_training_smoke(cache_dir):
     result = _run("rm_training.py", cache_dir, "--pairs", "2", "--micro-batch", "1", "--top-layers", "1",
                   "--rounds", "1")
